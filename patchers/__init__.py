@@ -1,0 +1,9 @@
+"""Transforms that rewrite a model: one module per transform, registered on import.
+
+Imported as ``eigenpatch.patchers`` (setuptools maps this folder there); never import it as a
+bare ``patchers``, which would create a second copy of every class.
+"""
+
+from eigenpatch.patchers.svd import SVD
+
+__all__ = ["SVD"]
