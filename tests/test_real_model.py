@@ -1,0 +1,88 @@
+"""Quality and format checks on the real SmolLM2-135M (built offline from its PyPI wheel)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eigenpatch
+from eigenpatch.cli import main, patch_model_main
+from eigenpatch.evaluate import perplexity, tokenize
+from eigenpatch.hf_io import load_model
+from eigenpatch.zoo import resolve_text
+
+pytestmark = pytest.mark.slow
+
+EVAL_TOKENS = 2048
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    model, tokenizer, _ = load_model(smollm2_dir)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def eval_ids(smollm2):
+    return tokenize(smollm2[1], resolve_text("wiki", split="eval"), EVAL_TOKENS)
+
+
+def test_wiki_calibration_and_eval_text_are_disjoint_articles():
+    calib, evals = resolve_text("wiki", split="calib"), resolve_text("wiki:eval")
+    titles = lambda text: {line for line in text.splitlines() if line.startswith(" = ") and line.endswith(" = ")}  # noqa: E731
+    assert len(calib) > 2_000_000 and len(evals) > 200_000
+    assert titles(calib).isdisjoint(titles(evals)) and len(titles(evals)) >= 10
+    assert "[[" not in evals and "{{" not in evals and "'''" not in evals  # markup cleaned
+
+
+def test_dense_perplexity_matches_the_reference_protocol(smollm2, eval_ids):
+    ppl = perplexity(smollm2[0], eval_ids, show_progress=False)
+    assert ppl.scored_tokens == EVAL_TOKENS - EVAL_TOKENS // 512
+    assert 12 < ppl.ppl < 40  # reference: 21.9-22.7 on this Wikipedia text
+
+
+def test_svd_patch_save_load_logits_identical_and_quality_ordered(smollm2_dir, eval_ids, tmp_path):
+    """Acceptance: reloaded logits == in-memory patched logits; plain SVD degrades with the ratio."""
+    model, tokenizer, _ = load_model(smollm2_dir)
+    dense_ppl = perplexity(model, eval_ids[:1024], show_progress=False).ppl
+    report = eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
+    assert report["model_params_before"] == 134_515_008
+    step = report["steps"][0]
+    assert step["targeted_params_before"] == 106_168_320 and step["factorized"] == 210
+    assert 0.495 <= step["targeted_params_after"] / step["targeted_params_before"] <= 0.5
+    out = eigenpatch.save(model, tmp_path / "smol-svd", tokenizer=tokenizer)
+
+    ids = eval_ids[None, :64]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
+    patched_ppl = perplexity(reloaded, eval_ids[:1024], show_progress=False).ppl
+    assert patched_ppl > 10 * dense_ppl  # plain SVD at 50 % collapses (models_and_data.md 6.2)
+
+    # A fresh interpreter that only imports eigenpatch loads it through transformers' own entry point.
+    code = (
+        "import sys, eigenpatch, transformers; "
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "print(type(m.model.layers[0].mlp.up_proj).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "LowRankLinear"
+
+
+def test_patch_model_cli_on_default_model_then_eval(tmp_path, capsys):
+    out = tmp_path / "default"
+    assert patch_model_main(["--compress", "0.2", "--targets", "gate_proj", "up_proj", "-o", str(out), "-q"]) == 0
+    summary = capsys.readouterr().out
+    assert "smollm2-135m ->" in summary and "106,168,320" not in summary  # only MLP gate/up targeted
+    assert main(["eval", str(out), "--max-tokens", "1024", "-q", "--json", str(tmp_path / "e.json")]) == 0
+    import json
+
+    results = json.loads((tmp_path / "e.json").read_text())
+    assert results["base"]["ref"] == "smollm2-135m"
+    assert results["model"]["params"] < results["base"]["params"]
+    assert results["model"]["ppl"] > results["base"]["ppl"]
