@@ -83,11 +83,13 @@ def plot_spectra(spectra: list[MatrixSpectrum], path: str | Path, title: str) ->
     kinds = list(dict.fromkeys(s.leaf for s in spectra))
     cols = min(4, len(kinds))
     rows = -(-len(kinds) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols + 1, 3.0 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     depth = [int(m.group(1)) if (m := _LAYER_INDEX.search(s.name)) else 0 for s in spectra]
     top = max(depth) or 1
     cmap = plt.get_cmap("viridis")
-    for ax, kind in zip(axes.flat, kinds, strict=False):
+    for index, (ax, kind) in enumerate(zip(axes.flat, kinds, strict=False)):
         members = [(s, d) for s, d in zip(spectra, depth, strict=True) if s.leaf == kind]
         for s, d in members:
             ax.semilogy(s.spectrum.numpy(), color=cmap(d / top), lw=0.8)
@@ -96,12 +98,14 @@ def plot_spectra(spectra: list[MatrixSpectrum], path: str | Path, title: str) ->
         first = members[0][0]
         ax.axvline(first.break_even, ls="--", color="grey", lw=0.8)
         ax.set_title(f"{kind} {first.shape[1]}->{first.shape[0]}", fontsize=9)
-        ax.set_xlabel("index i")
-        ax.set_ylabel("sigma_i / sigma_max")
+        if index >= len(kinds) - cols:
+            ax.set_xlabel("singular value index")
+        if index % cols == 0:
+            ax.set_ylabel("sigma_i / sigma_max")
     for ax in list(axes.flat)[len(kinds) :]:
         ax.axis("off")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top))
-    fig.colorbar(sm, ax=axes, label="layer", shrink=0.8)
+    fig.colorbar(sm, ax=axes, label="layer", shrink=0.6)
     fig.suptitle(f"{title}  (dot: chosen rank, dashed: break-even)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
