@@ -16,6 +16,9 @@ from typing import Any, NoReturn
 
 from eigenpatch.errors import EXIT_USAGE, UsageError
 
+#: What ``--compress`` uses unless ``--method`` says otherwise.
+DEFAULT_METHOD = "svd"
+
 PATCH_EXAMPLES = """\
 examples:
   patch-model --compress 0.5                       # SmolLM2-135M (built offline), half the decoder Linears
@@ -62,6 +65,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_patch_args(p: argparse.ArgumentParser) -> None:
+    from eigenpatch.calibration import DEFAULT_SEED, DEFAULT_WINDOWS
+    from eigenpatch.calibration import DEFAULT_SEQ_LEN as CALIB_SEQ_LEN
     from eigenpatch.patchers.targets import DEFAULT_TARGETS
     from eigenpatch.zoo import DEFAULT_MODEL, MODELS
 
@@ -72,45 +77,72 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compress", type=_ratio, required=True, metavar="R", help="fraction of targeted Linear params to remove"
     )
-    p.add_argument("--method", default="svd", help="compression method (default: %(default)s)")
+    p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        help="ALLOCATOR+FACTORIZER: allocator uniform|welore|greedy, factorizer svd|fwsvd|whiten; "
+        "'svd' = uniform+svd (data-free). Default: %(default)s",
+    )
     p.add_argument(
         "--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME", help="Linear names to compress"
     )
     p.add_argument("-o", "--output", help="output folder (default: ./patched/<model>-<method>-c<R>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki (its calib split) or a .txt file")
+    p.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS, help="calibration windows (%(default)s)")
+    p.add_argument("--calib-seq-len", type=int, default=CALIB_SEQ_LEN, help="tokens per window (%(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (%(default)s)")
     _add_model_args(p)
     _add_eval_args(p)
 
 
 def _default_output(model_ref: str, method: str, ratio: float) -> Path:
-    return Path("patched") / f"{Path(model_ref).name or 'model'}-{method}-c{ratio:g}"
+    return Path("patched") / f"{Path(model_ref).name or 'model'}-{method.replace('+', '-')}-c{ratio:g}"
+
+
+def build_compression(args: argparse.Namespace) -> Any:
+    """The transform config ``--method`` / ``--compress`` / calibration flags describe."""
+    from eigenpatch.patchers import SVD, LowRank, parse_method
+
+    parts = parse_method(args.method)
+    common = {"ratio": args.compress, "targets": tuple(args.targets)}
+    if args.method == "svd":
+        return SVD(**common)
+    return LowRank(
+        **common,
+        **parts,
+        calib_windows=args.calib_windows,
+        calib_seq_len=args.calib_seq_len,
+        seed=args.seed,
+    )
 
 
 def run_patch(args: argparse.Namespace) -> int:
     import eigenpatch
     from eigenpatch.checkpoint import weights_bytes
     from eigenpatch.hf_io import load_model, parse_dtype
-    from eigenpatch.recipe import transform_names
+    from eigenpatch.zoo import resolve_text
 
-    if args.method not in transform_names():
-        raise UsageError(f"unknown --method {args.method!r}; available: {', '.join(transform_names())}")
+    config = build_compression(args)
     output = Path(args.output) if args.output else _default_output(args.model, args.method, args.compress)
     if output.exists() and not args.force:
         raise UsageError(f"output {output} already exists; choose another -o/--output or pass --force to replace it")
-    config = eigenpatch.recipe.config_from_dict(
-        {"transform": args.method, "ratio": args.compress, "targets": list(args.targets)}
-    )
+    calib_text = resolve_text(args.calib, split="calib") if config.needs_data else None
     dtype = parse_dtype(args.dtype)
     start = time.perf_counter()
     model, tokenizer, folder = load_model(args.model, dtype, args.trust_remote_code)
     if folder.resolve() == output.resolve():
         raise UsageError("output folder is the input folder; eigenpatch never modifies its input — pick another -o")
+    if config.needs_data and tokenizer is None:
+        raise UsageError(f"--method {args.method} calibrates on text, but the model folder has no tokenizer")
     evals: dict[str, Any] = {}
     ids = _eval_ids(args, tokenizer) if args.eval else None
     if ids is not None:
         evals["before"] = _ppl(model, ids, args, "ppl (base)")
-    report = eigenpatch.patch(model, config, tokenizer=tokenizer, base_model=args.model, show_progress=not args.quiet)
+    report = eigenpatch.patch(
+        model, config, tokenizer=tokenizer, calib_text=calib_text, base_model=args.model, show_progress=not args.quiet
+    )
     if ids is not None:
         evals["after"] = _ppl(model, ids, args, "ppl (patched)")
         report["perplexity"] = evals
@@ -214,14 +246,16 @@ def run_inspect(args: argparse.Namespace) -> int:
     from eigenpatch.table import format_table
 
     model, _, folder = load_model(args.model, parse_dtype(args.dtype), args.trust_remote_code)
-    spectra = collect_spectra(model, args.compress, tuple(args.targets), show_progress=not args.quiet)
+    spectra = collect_spectra(model, args.compress, tuple(args.targets), args.allocator, show_progress=not args.quiet)
     rows = [
         [s.name, f"{s.shape[1]}->{s.shape[0]}", s.break_even, s.rank or "dense", f"{s.energy_kept:.3f}"]
         for s in spectra
     ]
     print(format_table(["matrix", "in->out", "break-even", f"rank @{args.compress:g}", "energy kept"], rows))
     if args.plot:
-        path = plot_spectra(spectra, args.plot, f"{folder.name}, uniform ranks at --compress {args.compress:g}")
+        path = plot_spectra(
+            spectra, args.plot, f"{folder.name}, {args.allocator} ranks at --compress {args.compress:g}"
+        )
         print(f"wrote {path}")
     return 0
 
@@ -251,6 +285,7 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default="smollm2-135m", help="model folder, zoo name or hub id")
     i.add_argument("--compress", type=_ratio, default=0.5, metavar="R", help="ratio whose ranks to show")
     i.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME")
+    i.add_argument("--allocator", default="uniform", choices=["uniform", "welore"], help="data-free rank allocator")
     i.add_argument("--plot", metavar="FILE.png", help="draw the normalized spectra with the chosen ranks")
     _add_model_args(i)
     i.set_defaults(run=run_inspect)

@@ -38,6 +38,9 @@ class PatchContext:
     tokenizer: Any = None
     calib_text: str | None = None
     show_progress: bool = True
+    #: Calibration statistics already gathered, keyed by what they depend on. Reuse one dict only
+    #: across patches of the same base model with the same calibration text (benchmarks do).
+    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +100,7 @@ def patch(
     calib_text: str | None = None,
     base_model: str | None = None,
     show_progress: bool = True,
+    calibration_cache: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply ``recipe`` to ``model`` in place, in order, and describe the result in its config.
 
@@ -105,6 +109,8 @@ def patch(
     """
     configs = [recipe] if isinstance(recipe, TransformConfig) else list(recipe)
     context = PatchContext(tokenizer=tokenizer, calib_text=calib_text, show_progress=show_progress)
+    if calibration_cache is not None:
+        context.cache = calibration_cache
     before = count_parameters(model)
     steps = []
     for config in configs:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from eigenpatch.errors import UsageError
 from eigenpatch.modules import max_saving_rank
-from eigenpatch.patchers.factorize import normalized_spectrum
+from eigenpatch.patchers.factorize import scaled_spectrum
 from eigenpatch.patchers.ranks import ALLOCATORS
 from eigenpatch.patchers.targets import DEFAULT_TARGETS, find_linears
 
@@ -51,18 +51,28 @@ def collect_spectra(
     allocator: str = "uniform",
     show_progress: bool = True,
 ) -> list[MatrixSpectrum]:
+    """Spectra of the targeted matrices and the ranks a data-free ``allocator`` gives them at ``ratio``."""
+    allocate, kind = ALLOCATORS[allocator]
+    if kind == "loss":
+        raise UsageError(
+            f"allocator {allocator!r} needs calibration data; inspect shows data-free ones (uniform, welore)"
+        )
     linears = find_linears(model, targets)
     shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
-    ranks = ALLOCATORS[allocator](shapes, ratio)
+    raw = {
+        n: scaled_spectrum(lin.weight)
+        for n, lin in tqdm(linears.items(), desc="spectra", unit="matrix", disable=not show_progress)
+    }
+    ranks = allocate(shapes, ratio, raw)
     return [
         MatrixSpectrum(
             name,
             shapes[name],
-            normalized_spectrum(lin.weight).float(),
+            (raw[name] / raw[name][0].clamp_min(torch.finfo(torch.float64).tiny)).float(),
             ranks[name],
             max_saving_rank(shapes[name][1], shapes[name][0]),
         )
-        for name, lin in tqdm(linears.items(), desc="spectra", unit="matrix", disable=not show_progress)
+        for name in linears
     ]
 
 

@@ -4,6 +4,7 @@ Imported as ``eigenpatch.patchers`` (setuptools maps this folder there); never i
 bare ``patchers``, which would create a second copy of every class.
 """
 
+from eigenpatch.patchers.compress import LowRank, parse_method
 from eigenpatch.patchers.svd import SVD
 
-__all__ = ["SVD"]
+__all__ = ["SVD", "LowRank", "parse_method"]

@@ -1,26 +1,95 @@
-"""Factorizers: how one matrix becomes a factor pair at a given rank."""
+"""Factorizers: how one matrix becomes a factor pair at a given rank.
+
+All three are one recipe with a different input-side scaling ``R`` (compression.md section 14):
+
+    A = W R,   A ~ U_r S_r V_r^T,   up = U_r S_r^1/2,   down = S_r^1/2 V_r^T R^-1
+
+- ``svd``: ``R = I``: best rank-r approximation of ``W`` itself.
+- ``fwsvd`` (Hsu et al. 2022): ``R = diag(d)``, ``d_j = sqrt(Fisher of input column j)``: the
+  paper's ``W`` is ``[in, out]`` so its "rows" are input features; in PyTorch's ``[out, in]``
+  layout that is a per-column weight, un-weighted on the input-side factor ``down``. Weighting
+  inputs (not outputs) composes with activation whitening, which also acts on the input side.
+- ``whiten`` (SVD-LLM): ``R`` is a square root of the input covariance ``H = X X^T`` (``R R^T = H``),
+  so ``||(W - W') X||_F = ||(W - W') R||_F``: dropping singular value ``s_i`` of ``W R`` costs
+  exactly ``s_i^2`` of output error on the calibration tokens. ``R`` comes from an fp64
+  eigendecomposition (no Cholesky failures on a merely PSD ``H``), with a pseudo-inverse.
+
+The singular values are split evenly between the factors, as WeLore's ``LowRankLayer`` does, so
+both factors have similar scale (this matters once they are fine-tuned or quantized).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+#: Eigenvalues of H below this fraction of the largest are treated as zero (pseudo-inverse):
+#: directions the calibration data never excites carry no information about the output error.
+WHITEN_RCOND = 1e-10
+#: Added to the mean-normalized Fisher so columns with zero gradient keep a finite inverse weight.
+FISHER_EPS = 1e-5
 
-def factorize_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD ``W ~ (U_r S_r^1/2)(S_r^1/2 V_r^T)``: the best rank-r approximation in Frobenius norm.
 
-    Computed in float64 (cheap at these sizes, and it keeps small singular values honest);
-    returns ``(up [out, r], down [r, in])`` in ``weight``'s dtype. The singular values are split
-    evenly between the factors (as WeLore's ``LowRankLayer`` does) so both have similar scale,
-    which matters once the factors are fine-tuned or quantized.
-    """
-    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+@dataclass
+class InputScaling:
+    """``R`` and ``R^-1`` acting on the input side: a full matrix ``[in, in]`` or a diagonal ``[in]``."""
+
+    scale: torch.Tensor
+    inverse: torch.Tensor
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.scale if self.scale.dim() == 1 else weight @ self.scale
+
+    def undo(self, down: torch.Tensor) -> torch.Tensor:
+        return down * self.inverse if self.inverse.dim() == 1 else down @ self.inverse
+
+
+def whitening(gram: torch.Tensor) -> InputScaling:
+    """``R = Q L^1/2`` from ``H = Q L Q^T`` (so ``R R^T = H``), with ``R^-1 = L^-1/2 Q^T`` (pseudo-inverse)."""
+    evals, evecs = torch.linalg.eigh(gram.to(torch.float64))
+    keep = evals > evals.max().clamp_min(0) * WHITEN_RCOND
+    root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+    inv_root = torch.where(keep, 1.0 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(evals))
+    return InputScaling(scale=evecs * root, inverse=inv_root[:, None] * evecs.T)
+
+
+def fisher_weighting(fisher: torch.Tensor) -> InputScaling:
+    """``d = sqrt(I / mean(I) + eps)`` per input column (scale-free: only relative weights matter)."""
+    normalized = fisher.to(torch.float64) / fisher.to(torch.float64).mean().clamp_min(torch.finfo(torch.float64).tiny)
+    d = (normalized + FISHER_EPS).sqrt()
+    return InputScaling(scale=d, inverse=1.0 / d)
+
+
+def output_weighting(fisher: torch.Tensor) -> torch.Tensor:
+    """``c = sqrt(b)`` per output channel from the output Fisher ``b`` (zeros stay zeros: no inverse needed
+    for spectra). Unlike the input side it is *not* normalized: its absolute scale is what makes
+    spectra of different matrices comparable in units of loss."""
+    return fisher.to(torch.float64).clamp_min(0).sqrt()
+
+
+def _scaled(weight: torch.Tensor, scaling: InputScaling | None, out_scale: torch.Tensor | None) -> torch.Tensor:
+    w = weight.detach().to(torch.float64)
+    if scaling is not None:
+        w = scaling.apply(w)
+    return w if out_scale is None else out_scale[:, None] * w
+
+
+def scaled_spectrum(
+    weight: torch.Tensor, scaling: InputScaling | None = None, out_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Singular values of ``C W R`` (descending, fp64): what truncation at each rank would cost."""
+    return torch.linalg.svdvals(_scaled(weight, scaling, out_scale))
+
+
+def factorize(
+    weight: torch.Tensor, rank: int, scaling: InputScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up [out, r], down [r, in])`` minimizing ``||(W - up down) R||_F``, in ``weight``'s dtype."""
+    u, s, vh = torch.linalg.svd(_scaled(weight, scaling, None), full_matrices=False)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root
     down = root[:, None] * vh[:rank]
+    if scaling is not None:
+        down = scaling.undo(down)
     return up.to(weight.dtype), down.to(weight.dtype)
-
-
-def normalized_spectrum(weight: torch.Tensor) -> torch.Tensor:
-    """Singular values divided by the largest: the curve ``eigenpatch inspect`` draws."""
-    s = torch.linalg.svdvals(weight.detach().to(torch.float64))
-    return s / s[0].clamp_min(torch.finfo(torch.float64).tiny)

@@ -1,7 +1,8 @@
-"""``svd``: truncated SVD of each targeted Linear, one global parameter ratio.
+"""``svd``: truncated SVD of each targeted Linear at one uniform keep ratio (``uniform+svd``).
 
-The baseline of every low-rank paper, and a collapse on real models at 50 % (SmolLM2-135M:
-perplexity ~22 -> ~1e6, ``models_and_data.md`` 6.2); data-aware methods build on its plumbing.
+The baseline of every low-rank paper, and a collapse on real models (SmolLM2-135M: perplexity
+~22 -> ~1e6 at 50 %, ``models_and_data.md`` 6.2). Kept as its own name because it needs no
+data and is what ``eigenpatch inspect`` and older recipes refer to.
 """
 
 from __future__ import annotations
@@ -9,52 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from tqdm.auto import tqdm
 
-from eigenpatch.modules import LowRankLinear
-from eigenpatch.patchers.factorize import factorize_svd
-from eigenpatch.patchers.ranks import ALLOCATORS, check_ratio, factorized_params
-from eigenpatch.patchers.targets import DEFAULT_TARGETS, find_linears, replace_module
-from eigenpatch.recipe import PatchContext, TransformConfig, TransformResult, register_transform
+from eigenpatch.patchers.compress import LowRank, apply_lowrank
+from eigenpatch.recipe import PatchContext, TransformResult, register_transform
 
 
 @dataclass
-class SVD(TransformConfig):
-    """Remove ``ratio`` of the targeted Linears' parameters by truncated SVD.
-
-    ``allocator`` picks the rank of each matrix (``uniform``: same keep ratio everywhere).
-    """
+class SVD(LowRank):
+    """``LowRank`` with data-free defaults: uniform ranks, plain SVD factors."""
 
     name = "svd"
-    ratio: float = 0.5
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    allocator: str = "uniform"
-
-    def __post_init__(self) -> None:
-        check_ratio(self.ratio)
-        self.targets = tuple(self.targets)
-        if self.allocator not in ALLOCATORS:
-            raise ValueError(f"unknown allocator {self.allocator!r}; known: {', '.join(ALLOCATORS)}")
 
 
 @register_transform(SVD)
 def apply_svd(model: nn.Module, config: SVD, context: PatchContext) -> TransformResult:
-    linears = find_linears(model, config.targets)
-    shapes = {name: tuple(lin.weight.shape) for name, lin in linears.items()}
-    ranks = ALLOCATORS[config.allocator](shapes, config.ratio)
-    for name, lin in tqdm(linears.items(), desc="svd", unit="matrix", disable=not context.show_progress):
-        rank = ranks[name]
-        if rank is None:
-            continue
-        up, down = factorize_svd(lin.weight, rank)
-        replace_module(model, name, LowRankLinear.from_factors(up, down, lin.bias))
-    before = sum(m * n for m, n in shapes.values())
-    return TransformResult(
-        details={
-            "targeted_params_before": before,
-            "targeted_params_after": factorized_params(shapes, ranks),
-            "factorized": sum(r is not None for r in ranks.values()),
-            "kept_dense": sum(r is None for r in ranks.values()),
-            "ranks": ranks,
-        }
-    )
+    return apply_lowrank(model, config, context)

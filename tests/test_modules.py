@@ -3,7 +3,7 @@ import torch
 
 from eigenpatch.errors import UsageError
 from eigenpatch.modules import LowRankLinear, factor_pair_saves, max_saving_rank
-from eigenpatch.patchers.factorize import factorize_svd
+from eigenpatch.patchers.factorize import factorize
 from eigenpatch.patchers.ranks import factorized_params, uniform_ranks
 
 
@@ -26,7 +26,7 @@ def test_break_even_ranks_match_reference(m, n, last):
 def test_svd_factors_reproduce_a_low_rank_matrix_exactly():
     torch.manual_seed(0)
     w = torch.randn(96, 8) @ torch.randn(8, 64)  # rank 8
-    up, down = factorize_svd(w, 8)
+    up, down = factorize(w, 8)
     pair = LowRankLinear.from_factors(up, down)
     assert torch.allclose(pair.dense_weight(), w, atol=1e-4)
     x = torch.randn(5, 64)
@@ -37,7 +37,7 @@ def test_svd_truncation_error_equals_discarded_singular_values():
     torch.manual_seed(0)
     w = torch.randn(64, 48)
     s = torch.linalg.svdvals(w.double())
-    up, down = factorize_svd(w, 10)
+    up, down = factorize(w, 10)
     err = torch.linalg.matrix_norm((up @ down - w).double())
     assert err == pytest.approx(s[10:].square().sum().sqrt().item(), rel=1e-4)
 
