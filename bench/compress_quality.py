@@ -1,87 +1,152 @@
-"""Compression ratio vs perplexity: dense and each method side by side, in one process.
+"""Compression ratio vs perplexity for every allocator x factorizer, dense side by side, one process.
 
-    python bench/compress_quality.py                      # SmolLM2-135M, svd at 0.1 0.2 0.3 0.5
-    python bench/compress_quality.py --ratios 0.2 0.5 --max-tokens 16384
+    python bench/compress_quality.py                           # SmolLM2-135M, R in {0.2, 0.4, 0.5}
+    python bench/compress_quality.py --ratios 0.5 --methods svd loss+fwhiten --calib-windows 32
 
-Prints a table and writes ``bench/results/compress_quality.json``.
+Calibration statistics are gathered once (timed separately) and shared by every method that
+needs them. Per method: perplexity on two held-out texts (wiki, news), parameters, bytes on
+disk, wall time and peak RSS of the compression. Prints a table and writes
+``bench/results/compress_quality.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import eigenpatch
+from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_WINDOWS
+from eigenpatch.checkpoint import weights_bytes
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.hf_io import load_model
-from eigenpatch.recipe import config_from_dict, count_parameters
-from eigenpatch.table import fmt_count, fmt_float, format_table
+from eigenpatch.patchers import LowRank, parse_method
+from eigenpatch.patchers.compress import _stats
+from eigenpatch.patchers.targets import find_linears
+from eigenpatch.recipe import PatchContext, count_parameters
+from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
 from eigenpatch.zoo import resolve_text
 
 RESULTS = Path(__file__).parent / "results"
+METHODS = ["svd", "uniform+whiten", "welore+svd", "welore+fwsvd", "welore+whiten", "loss+whiten", "loss+fwhiten"]
+EVAL_TEXTS = ["wiki", "news"]
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so each phase reports its own peak."""
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then spans earlier phases
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def evaluate(model: torch.nn.Module, ids: dict[str, torch.Tensor], label: str) -> dict[str, float]:
+    return {t: perplexity(model, x, desc=f"{label} {t}").ppl for t, x in ids.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", nargs="+", default=["svd"])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5])
-    parser.add_argument("--text", default="wiki")
-    parser.add_argument("--max-tokens", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.5])
+    parser.add_argument("--max-tokens", type=int, default=4096, help="eval tokens per text")
+    parser.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS)
+    parser.add_argument("--fisher-windows", type=int, default=DEFAULT_FISHER_WINDOWS)
     parser.add_argument("--out", type=Path, default=RESULTS / "compress_quality.json")
     args = parser.parse_args()
 
     model, tokenizer, _ = load_model(args.model)
-    ids = tokenize(tokenizer, resolve_text(args.text, split="eval"), args.max_tokens)
-    dense = perplexity(model, ids, seq_len=args.seq_len, desc="dense")
-    rows = [{"method": "dense", "ratio": 0.0, "params": count_parameters(model), **dense.as_dict()}]
-    for method in args.methods:
-        for ratio in args.ratios:
-            model, _, _ = load_model(args.model)
+    ids = {t: tokenize(tokenizer, resolve_text(t, split="eval"), args.max_tokens) for t in EVAL_TEXTS}
+    dense = {"method": "dense", "ratio": 0.0, "params": count_parameters(model), "ppl": evaluate(model, ids, "dense")}
+    rows = [dense]
+
+    # Gather calibration statistics once, timing each kind.
+    calib_cfg = LowRank(calib_windows=args.calib_windows, fisher_windows=args.fisher_windows)
+    context = PatchContext(tokenizer=tokenizer, calib_text=resolve_text("wiki", split="calib"))
+    stats = _stats(model, find_linears(model, calib_cfg.targets), calib_cfg, context)
+    needed = {part for m in args.methods if m != "svd" for part in parse_method(m).values()}
+    calibration = {}
+    for name, wanted in (("whitening", {"whiten", "fwhiten", "loss"}), ("input_fisher", {"fwsvd"}),
+                         ("output_scale", {"fwhiten", "loss"})):  # fmt: skip
+        if needed & wanted:
+            reset_peak_rss()
             start = time.perf_counter()
-            report = eigenpatch.patch(model, config_from_dict({"transform": method, "ratio": ratio}))
+            getattr(stats, name)
+            calibration[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss": peak_rss_bytes()}
+
+    for ratio in args.ratios:
+        for method in args.methods:
+            model, _, folder = load_model(args.model)
+            config = LowRank(ratio=ratio, calib_windows=args.calib_windows, fisher_windows=args.fisher_windows,
+                             **parse_method(method))  # fmt: skip
+            reset_peak_rss()
+            start = time.perf_counter()
+            report = eigenpatch.patch(
+                model, config, tokenizer=tokenizer, calib_text=context.calib_text, calibration_cache=context.cache
+            )
             seconds = time.perf_counter() - start
+            rss = peak_rss_bytes()
+            with tempfile.TemporaryDirectory() as tmp:
+                size = weights_bytes(eigenpatch.save(model, Path(tmp) / "m"))
             step = report["steps"][0]
-            ppl = perplexity(model, ids, seq_len=args.seq_len, desc=f"{method}@{ratio}")
             rows.append(
                 {
                     "method": method,
                     "ratio": ratio,
                     "params": report["model_params_after"],
                     "targeted_kept": step["targeted_params_after"] / step["targeted_params_before"],
-                    "patch_seconds": round(seconds, 2),
-                    **ppl.as_dict(),
+                    "kept_dense": step["kept_dense"],
+                    "weights_bytes": size,
+                    "patch_seconds": round(seconds, 1),
+                    "patch_peak_rss": rss,
+                    "ppl": evaluate(model, ids, f"{method}@{ratio}"),
                 }
             )
+            print(f"{method} @ {ratio}: {rows[-1]['ppl']}", flush=True)
+    dense["weights_bytes"] = weights_bytes(folder)
+
+    headers = ["R", "method", "kept", "dense", "model params", "on disk", *(f"ppl {t}" for t in EVAL_TEXTS),
+               "s", "peak RSS"]  # fmt: skip
     table = format_table(
-        ["method", "ratio", "targeted kept", "model params", "vs dense", "perplexity", "ppl / dense"],
+        headers,
         [
             [
-                r["method"],
                 f"{r['ratio']:g}",
+                r["method"],
                 f"{r.get('targeted_kept', 1.0):.3f}",
+                r.get("kept_dense", "-"),
                 fmt_count(r["params"]),
-                f"{r['params'] / rows[0]['params']:.3f}",
-                fmt_float(r["ppl"]),
-                fmt_float(r["ppl"] / dense.ppl, 1),
+                fmt_bytes(r["weights_bytes"]),
+                *(fmt_float(r["ppl"][t]) for t in EVAL_TEXTS),
+                r.get("patch_seconds", "-"),
+                fmt_bytes(r.get("patch_peak_rss")),
             ]
             for r in rows
         ],
     )
-    print(f"\n{args.model}, {dense.scored_tokens:,} scored tokens of '{args.text}' (eval split), seq {args.seq_len}\n")
+    scored = {t: len(x) - (len(x) + 511) // 512 for t, x in ids.items()}
+    print(f"\n{args.model}; eval tokens per text {scored}; calibration {args.calib_windows} x 512 wiki:calib tokens")
+    print(f"(gradient statistics on the first {args.fisher_windows} windows); calibration cost: {calibration}\n")
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": args.model,
-        "text": args.text,
-        "scored_tokens": dense.scored_tokens,
-        "seq_len": args.seq_len,
+        "eval_texts": EVAL_TEXTS,
+        "eval_tokens": args.max_tokens,
+        "calib_windows": args.calib_windows,
+        "fisher_windows": args.fisher_windows,
+        "calibration": calibration,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),

@@ -80,7 +80,7 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
-        help="ALLOCATOR+FACTORIZER: allocator uniform|welore|greedy, factorizer svd|fwsvd|whiten; "
+        help="ALLOCATOR+FACTORIZER: allocator uniform|welore|loss, factorizer svd|fwsvd|whiten|fwhiten; "
         "'svd' = uniform+svd (data-free). Default: %(default)s",
     )
     p.add_argument(

@@ -8,6 +8,8 @@ ordinary wheels (``shared/reference/models_and_data.md``):
   rebuild an fp32 safetensors folder once; afterwards it is a plain local HF folder.
 - ``wiki``: the 206-page Wikipedia excerpt inside the ``gensim`` wheel, cleaned with gensim's
   MediaWiki filter and split *by article* into disjoint calibration and evaluation text.
+- ``news``: the Lee corpus of Australian news articles in the same wheel: a second eval text of
+  a different kind (short news prose), split the same way.
 
 The cache lives in ``$EIGENPATCH_CACHE`` (default ``~/.cache/eigenpatch``).
 """
@@ -41,6 +43,7 @@ EVAL_EVERY = 8
 MIN_ARTICLE_CHARS = 500
 
 _GENSIM_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_GENSIM_NEWS = "test/test_data/lee_background.cor"
 
 
 def cache_dir() -> Path:
@@ -186,29 +189,43 @@ def resolve_model(ref: str | os.PathLike | None) -> Path:
 _QUOTE_MARKUP = re.compile(r"'''?")
 
 
-def _build_wiki(out: Path) -> None:
-    """Clean the gensim Wikipedia excerpt into ``calib.txt`` and ``eval.txt``, split by article."""
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
+def _gensim_test_file(relative: str) -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError("the 'wiki' text needs gensim; install eigenpatch with its dependencies (pip install -e .)")
-    source = Path(next(iter(spec.submodule_search_locations))) / _GENSIM_WIKI
-    articles: list[str] = []
-    with bz2.open(source, "rb") as f:
-        for title, text, _pageid in extract_pages(f):
-            if text.lstrip().lower().startswith("#redirect"):
-                continue
-            body = _QUOTE_MARKUP.sub("", filter_wiki(text)).strip()
-            if len(body) >= MIN_ARTICLE_CHARS:
-                articles.append(f" = {title} = \n\n{body}\n")
+        raise UsageError("the built-in texts need gensim; install eigenpatch with its dependencies (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+def _write_splits(out: Path, articles: list[str]) -> None:
+    """Every ``EVAL_EVERY``-th article (from the first) to ``eval.txt``, the rest to ``calib.txt``."""
     evals = [a for i, a in enumerate(articles) if i % EVAL_EVERY == 0]
     calib = [a for i, a in enumerate(articles) if i % EVAL_EVERY != 0]
     (out / "eval.txt").write_text("\n".join(evals), encoding="utf-8")
     (out / "calib.txt").write_text("\n".join(calib), encoding="utf-8")
 
 
-TEXTS = {"wiki": _build_wiki}
+def _build_wiki(out: Path) -> None:
+    """Encyclopedic prose: the gensim Wikipedia excerpt, cleaned of MediaWiki markup by gensim's filter."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles: list[str] = []
+    with bz2.open(_gensim_test_file(_GENSIM_WIKI), "rb") as f:
+        for title, text, _pageid in extract_pages(f):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            body = _QUOTE_MARKUP.sub("", filter_wiki(text)).strip()
+            if len(body) >= MIN_ARTICLE_CHARS:
+                articles.append(f" = {title} = \n\n{body}\n")
+    _write_splits(out, articles)
+
+
+def _build_news(out: Path) -> None:
+    """News prose of another kind: the Lee corpus of ~300 Australian news articles, one per line."""
+    lines = _gensim_test_file(_GENSIM_NEWS).read_text(encoding="utf-8", errors="replace").splitlines()
+    _write_splits(out, [line.strip() + "\n" for line in lines if line.strip()])
+
+
+TEXTS = {"wiki": _build_wiki, "news": _build_news}
 SPLITS = ("calib", "eval")
 
 

@@ -39,7 +39,7 @@ from eigenpatch.patchers.ranks import ALLOCATORS, check_ratio, factorized_params
 from eigenpatch.patchers.targets import DEFAULT_TARGETS, find_linears, replace_module
 from eigenpatch.recipe import PatchContext, TransformConfig, TransformResult, register_transform
 
-FACTORIZERS = ("svd", "fwsvd", "whiten")
+FACTORIZERS = ("svd", "fwsvd", "whiten", "fwhiten")
 
 
 @dataclass
@@ -129,12 +129,13 @@ class CalibrationStats:
         fisher = collect_output_fisher(self.model, self.linears, windows, show_progress=self.context.show_progress)
         return {n: output_weighting(f) for n, f in fisher.items()}
 
-    def scaling(self, factorizer: str, name: str) -> InputScaling | None:
-        if factorizer == "whiten":
-            return self.whitening[name]
+    def scalings(self, factorizer: str, name: str) -> tuple[InputScaling | None, torch.Tensor | None]:
+        """The factorizer's ``(R, C)`` for one matrix."""
+        if factorizer in ("whiten", "fwhiten"):
+            return self.whitening[name], self.output_scale[name] if factorizer == "fwhiten" else None
         if factorizer == "fwsvd":
-            return self.input_fisher[name]
-        return None
+            return self.input_fisher[name], None
+        return None, None
 
 
 def _stats(model: nn.Module, linears: dict[str, nn.Linear], config: LowRank, context: PatchContext) -> CalibrationStats:
@@ -167,8 +168,8 @@ def apply_lowrank(model: nn.Module, config: LowRank, context: PatchContext) -> T
     for name, lin in tqdm(linears.items(), desc=config.factorizer, unit="matrix", disable=not context.show_progress):
         if ranks[name] is None:
             continue
-        scaling = stats.scaling(config.factorizer, name) if stats is not None else None
-        up, down = factorize(lin.weight, ranks[name], scaling)
+        scaling, out_scale = stats.scalings(config.factorizer, name) if stats is not None else (None, None)
+        up, down = factorize(lin.weight, ranks[name], scaling, out_scale)
         replace_module(model, name, LowRankLinear.from_factors(up, down, lin.bias))
     return TransformResult(details=_details(shapes, ranks))
 

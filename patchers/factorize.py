@@ -1,8 +1,9 @@
 """Factorizers: how one matrix becomes a factor pair at a given rank.
 
-All three are one recipe with a different input-side scaling ``R`` (compression.md section 14):
+All are one recipe (compression.md section 14) with a different input-side scaling ``R`` and, for
+``fwhiten``, an output-side scaling ``C``:
 
-    A = W R,   A ~ U_r S_r V_r^T,   up = U_r S_r^1/2,   down = S_r^1/2 V_r^T R^-1
+    A = C W R,   A ~ U_r S_r V_r^T,   up = C^-1 U_r S_r^1/2,   down = S_r^1/2 V_r^T R^-1
 
 - ``svd``: ``R = I``: best rank-r approximation of ``W`` itself.
 - ``fwsvd`` (Hsu et al. 2022): ``R = diag(d)``, ``d_j = sqrt(Fisher of input column j)``: the
@@ -13,6 +14,11 @@ All three are one recipe with a different input-side scaling ``R`` (compression.
   so ``||(W - W') X||_F = ||(W - W') R||_F``: dropping singular value ``s_i`` of ``W R`` costs
   exactly ``s_i^2`` of output error on the calibration tokens. ``R`` comes from an fp64
   eigendecomposition (no Cholesky failures on a merely PSD ``H``), with a pseudo-inverse.
+- ``fwhiten`` (ours; GFWSVD's Kronecker-factored Fisher with a diagonal output factor): whiten
+  the input as above *and* weight each output channel by ``C = diag(sqrt(b))``, ``b`` the
+  output Fisher, and un-weight ``up``. ``||C (W - W') R||_F^2`` is then the second-order estimate
+  of the loss increase, not just the output error: output channels the loss is sensitive to
+  are approximated first.
 
 The singular values are split evenly between the factors, as WeLore's ``LowRankLayer`` does, so
 both factors have similar scale (this matters once they are fine-tuned or quantized).
@@ -27,6 +33,8 @@ import torch
 #: Eigenvalues of H below this fraction of the largest are treated as zero (pseudo-inverse):
 #: directions the calibration data never excites carry no information about the output error.
 WHITEN_RCOND = 1e-10
+#: Output weights below this fraction of the largest are raised to it before ``up`` is un-weighted.
+OUT_SCALE_FLOOR = 1e-6
 #: Added to the mean-normalized Fisher so columns with zero gradient keep a finite inverse weight.
 FISHER_EPS = 1e-5
 
@@ -83,13 +91,21 @@ def scaled_spectrum(
 
 
 def factorize(
-    weight: torch.Tensor, rank: int, scaling: InputScaling | None = None
+    weight: torch.Tensor, rank: int, scaling: InputScaling | None = None, out_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up [out, r], down [r, in])`` minimizing ``||(W - up down) R||_F``, in ``weight``'s dtype."""
-    u, s, vh = torch.linalg.svd(_scaled(weight, scaling, None), full_matrices=False)
+    """``(up [out, r], down [r, in])`` minimizing ``||C (W - up down) R||_F``, in ``weight``'s dtype.
+
+    ``C = diag(out_scale)`` (``fwhiten``) is floored at ``OUT_SCALE_FLOOR`` of its largest entry so
+    that un-weighting ``up`` stays finite for output channels the loss never looked at.
+    """
+    if out_scale is not None:
+        out_scale = out_scale.clamp_min(out_scale.max() * OUT_SCALE_FLOOR)
+    u, s, vh = torch.linalg.svd(_scaled(weight, scaling, out_scale), full_matrices=False)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root
     down = root[:, None] * vh[:rank]
     if scaling is not None:
         down = scaling.undo(down)
+    if out_scale is not None:
+        up = up / out_scale[:, None]
     return up.to(weight.dtype), down.to(weight.dtype)

@@ -72,3 +72,18 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A real byte-level BPE tokenizer with the tiny models' vocabulary, trained on the news text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from eigenpatch.zoo import resolve_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(resolve_text("news", split="calib").splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)

@@ -122,3 +122,31 @@ def test_patched_model_forward_is_finite(tiny_dir, tmp_path):
     model = eigenpatch.load(out)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.fixture
+def tiny_dir_with_tokenizer(tiny_dir, tiny_tokenizer, tmp_path):
+    folder = _copy_model(tiny_dir, tmp_path / "tiny-tok")
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_calibration_text_shorter_than_a_window_exits_2(tiny_dir_with_tokenizer, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    out = tmp_path / "out"
+    argv = [str(tiny_dir_with_tokenizer), "--compress", "0.5", "--method", "loss+whiten", "--calib", str(short)]
+    assert patch_model_main([*argv, "-o", str(out), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shorter than one window" in err[0]
+    assert not out.exists()
+
+
+def test_data_aware_method_from_the_cli(tiny_dir_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [str(tiny_dir_with_tokenizer), "--compress", "0.3", "--method", "welore+whiten", "--calib", "news"]
+    assert patch_model_main([*argv, "--calib-windows", "4", "--calib-seq-len", "32", "-o", str(out), "-q"]) == 0
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
+    assert recipe[0]["allocator"] == "welore" and recipe[0]["factorizer"] == "whiten"
+    assert recipe[0]["calib_windows"] == 4
+    assert (out / "tokenizer.json").is_file()
