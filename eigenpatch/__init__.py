@@ -5,7 +5,8 @@
 
     import eigenpatch
     model = ...  # any causal LM
-    report = eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5))
+    config = eigenpatch.LowRank(ratio=0.5, allocator="loss", factorizer="fwhiten")
+    report = eigenpatch.patch(model, config, tokenizer=tokenizer, calib_text=text)
     eigenpatch.save(model, "out/", tokenizer=tokenizer)
     model = eigenpatch.load("out/")
 """
@@ -13,7 +14,7 @@
 from eigenpatch import recipe
 from eigenpatch.checkpoint import EigenpatchConfig, load, register_with_transformers, save
 from eigenpatch.modules import LowRankLinear
-from eigenpatch.patchers import SVD
+from eigenpatch.patchers import SVD, LowRank
 from eigenpatch.recipe import TransformConfig, patch, register_transform
 
 register_with_transformers()
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SVD",
     "EigenpatchConfig",
+    "LowRank",
     "LowRankLinear",
     "TransformConfig",
     "load",

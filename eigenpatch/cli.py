@@ -17,13 +17,14 @@ from typing import Any, NoReturn
 from eigenpatch.errors import EXIT_USAGE, UsageError
 
 #: What ``--compress`` uses unless ``--method`` says otherwise.
-DEFAULT_METHOD = "svd"
+DEFAULT_METHOD = "loss+fwhiten"
 
 PATCH_EXAMPLES = """\
 examples:
   patch-model --compress 0.5                       # SmolLM2-135M (built offline), half the decoder Linears
-  patch-model ./my-llama --compress 0.3 -o out/    # any local HF folder
-  patch-model --compress 0.5 --targets gate_proj up_proj down_proj --eval
+  patch-model ./my-llama --compress 0.3 -o out/    # any local HF folder, calibrated on the wiki text
+  patch-model --compress 0.4 --method welore+whiten --calib my_corpus.txt --eval
+  patch-model --compress 0.5 --method svd          # data-free baseline (fast, and much worse)
   python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
 """
 
@@ -65,7 +66,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_patch_args(p: argparse.ArgumentParser) -> None:
-    from eigenpatch.calibration import DEFAULT_SEED, DEFAULT_WINDOWS
+    from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_SEED, DEFAULT_WINDOWS
     from eigenpatch.calibration import DEFAULT_SEQ_LEN as CALIB_SEQ_LEN
     from eigenpatch.patchers.targets import DEFAULT_TARGETS
     from eigenpatch.zoo import DEFAULT_MODEL, MODELS
@@ -92,6 +93,12 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wiki", help="calibration text: wiki (its calib split) or a .txt file")
     p.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS, help="calibration windows (%(default)s)")
     p.add_argument("--calib-seq-len", type=int, default=CALIB_SEQ_LEN, help="tokens per window (%(default)s)")
+    p.add_argument(
+        "--fisher-windows",
+        type=int,
+        default=DEFAULT_FISHER_WINDOWS,
+        help="windows for gradient statistics (%(default)s)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (%(default)s)")
     _add_model_args(p)
     _add_eval_args(p)
@@ -114,6 +121,7 @@ def build_compression(args: argparse.Namespace) -> Any:
         **parts,
         calib_windows=args.calib_windows,
         calib_seq_len=args.calib_seq_len,
+        fisher_windows=args.fisher_windows,
         seed=args.seed,
     )
 

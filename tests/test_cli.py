@@ -58,6 +58,8 @@ def test_bad_input_gives_one_line_exit_2_and_no_output(case, tiny_dir, tmp_path,
     argv = [a.format(tiny=tiny_dir, copy=copy) for a in argv]
     if "--compress" not in argv:
         argv += ["--compress", "0.5"]
+    if "--method" not in argv:
+        argv += ["--method", "svd"]  # plumbing: the data-free method (the tiny folder has no tokenizer)
     with pytest.raises(SystemExit) as exc:  # argparse-level errors exit directly ...
         sys.exit(patch_model_main([*argv, "-o", str(out), "-q"]))
     assert exc.value.code == EXIT_USAGE  # ... and ours return the same code
@@ -71,17 +73,19 @@ def test_bad_input_gives_one_line_exit_2_and_no_output(case, tiny_dir, tmp_path,
 def test_existing_output_is_refused_without_force(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    assert patch_model_main([str(tiny_dir), "--compress", "0.5", "-o", str(out), "-q"]) == EXIT_USAGE
+    assert patch_model_main([str(tiny_dir), "--compress", "0.5", "--method", "svd", "-o", str(out), "-q"]) == EXIT_USAGE
     assert "--force" in capsys.readouterr().err
     assert list(out.iterdir()) == []
-    assert patch_model_main([str(tiny_dir), "--compress", "0.5", "-o", str(out), "-q", "--force"]) == 0
+    assert (
+        patch_model_main([str(tiny_dir), "--compress", "0.5", "--method", "svd", "-o", str(out), "-q", "--force"]) == 0
+    )
     assert (out / "config.json").is_file()
 
 
 def test_patch_leaves_input_byte_identical_and_reports_counts(tiny_dir, tmp_path, capsys):
     before = tree_digest(tiny_dir)
     out = tmp_path / "patched"
-    assert patch_model_main([str(tiny_dir), "--compress", "0.5", "-o", str(out), "-q"]) == 0
+    assert patch_model_main([str(tiny_dir), "--compress", "0.5", "--method", "svd", "-o", str(out), "-q"]) == 0
     assert tree_digest(tiny_dir) == before
     report = json.loads((out / "eigenpatch_report.json").read_text())
     step = report["steps"][0]
@@ -118,7 +122,7 @@ def test_patched_model_forward_is_finite(tiny_dir, tmp_path):
     import eigenpatch
 
     out = tmp_path / "p"
-    assert patch_model_main([str(tiny_dir), "--compress", "0.5", "-o", str(out), "-q"]) == 0
+    assert patch_model_main([str(tiny_dir), "--compress", "0.5", "--method", "svd", "-o", str(out), "-q"]) == 0
     model = eigenpatch.load(out)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

@@ -76,7 +76,8 @@ def test_svd_patch_save_load_logits_identical_and_quality_ordered(smollm2_dir, e
 
 def test_patch_model_cli_on_default_model_then_eval(tmp_path, capsys):
     out = tmp_path / "default"
-    assert patch_model_main(["--compress", "0.2", "--targets", "gate_proj", "up_proj", "-o", str(out), "-q"]) == 0
+    argv = ["--compress", "0.2", "--method", "svd", "--targets", "gate_proj", "up_proj"]
+    assert patch_model_main([*argv, "-o", str(out), "-q"]) == 0
     summary = capsys.readouterr().out
     assert "smollm2-135m ->" in summary and "106,168,320" not in summary  # only MLP gate/up targeted
     assert main(["eval", str(out), "--max-tokens", "1024", "-q", "--json", str(tmp_path / "e.json")]) == 0
@@ -86,3 +87,22 @@ def test_patch_model_cli_on_default_model_then_eval(tmp_path, capsys):
     assert results["base"]["ref"] == "smollm2-135m"
     assert results["model"]["params"] < results["base"]["params"]
     assert results["model"]["ppl"] > results["base"]["ppl"]
+
+
+def test_default_method_beats_the_svd_llm_reference_and_reloads_exactly(smollm2_dir, eval_ids, tmp_path):
+    """Loss-aware ranks x Fisher-whitened factors vs uniform ranks x whitening (SVD-LLM), same statistics."""
+    from eigenpatch.cli import DEFAULT_METHOD
+    from eigenpatch.patchers import LowRank, parse_method
+
+    calib, cache, ppl = resolve_text("wiki", split="calib"), {}, {}
+    for method in ("uniform+whiten", DEFAULT_METHOD):
+        model, tokenizer, _ = load_model(smollm2_dir)
+        config = LowRank(ratio=0.4, calib_windows=16, fisher_windows=8, **parse_method(method))
+        eigenpatch.patch(
+            model, config, tokenizer=tokenizer, calib_text=calib, calibration_cache=cache, show_progress=False
+        )
+        ppl[method] = perplexity(model, eval_ids, show_progress=False).ppl
+    assert ppl[DEFAULT_METHOD] < 0.9 * ppl["uniform+whiten"], ppl
+
+    reloaded = eigenpatch.load(eigenpatch.save(model, tmp_path / "best", tokenizer=tokenizer))
+    assert perplexity(reloaded, eval_ids, show_progress=False).ppl == pytest.approx(ppl[DEFAULT_METHOD], rel=1e-5)
