@@ -27,7 +27,7 @@ from eigenpatch.checkpoint import weights_bytes
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import LowRank, parse_method
-from eigenpatch.patchers.compress import _stats
+from eigenpatch.patchers.compress import calibration_stats
 from eigenpatch.patchers.targets import find_linears
 from eigenpatch.recipe import PatchContext, count_parameters
 from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
@@ -74,7 +74,7 @@ def main() -> None:
     # Gather calibration statistics once, timing each kind.
     calib_cfg = LowRank(calib_windows=args.calib_windows, fisher_windows=args.fisher_windows)
     context = PatchContext(tokenizer=tokenizer, calib_text=resolve_text("wiki", split="calib"))
-    stats = _stats(model, find_linears(model, calib_cfg.targets), calib_cfg, context)
+    stats = calibration_stats(model, find_linears(model, calib_cfg.targets), calib_cfg, context)
     needed = {part for m in args.methods if m != "svd" for part in parse_method(m).values()}
     calibration = {}
     for name, wanted in (("whitening", {"whiten", "fwhiten", "loss"}), ("input_fisher", {"fwsvd"}),

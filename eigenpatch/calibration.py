@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -80,6 +81,21 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def _trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Only ``params`` require grad inside the block; every flag is restored afterwards."""
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
+
+
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
@@ -136,23 +152,15 @@ def collect_fisher(
     One window per backward pass, so each squared gradient is a per-sample gradient (the
     empirical Fisher), not the square of a batch mean. Only the targeted weights require grad.
     """
-    previous = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for lin in linears.values():
-        lin.weight.requires_grad_(True)
     fisher = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
     device = next(model.parameters()).device
-    try:
+    with _trainable_only(model, [lin.weight for lin in linears.values()]):
         for window in tqdm(windows, desc="fisher", unit="window", disable=not show_progress):
             ids = window[None].to(device)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             for name, lin in linears.items():
                 fisher[name] += lin.weight.grad.detach().double().square().sum(dim=0).cpu()
                 lin.weight.grad = None
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(previous[name])
     return fisher
 
 
@@ -171,7 +179,6 @@ def collect_output_fisher(
     made to require grad, so backward runs through activations alone.
     """
     fisher = {name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in linears.items()}
-    previous = {name: p.requires_grad for name, p in model.named_parameters()}
 
     def hook_for(name: str):
         def hook(module: nn.Linear, args: Any, output: torch.Tensor) -> None:
@@ -188,21 +195,12 @@ def collect_output_fisher(
     handles = [lin.register_forward_hook(hook_for(name)) for name, lin in linears.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(grad_from_embeddings))
     device = next(model.parameters()).device
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        with _hooks(handles):
-            for batch in tqdm(
-                _batches(windows, batch_size), desc="output fisher", unit="batch", disable=not show_progress
-            ):
-                batch = batch.to(device)
-                # sum (not mean) over tokens: each token's gradient is its own sample's
-                logits = model(input_ids=batch, use_cache=False).logits
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                )
-                loss.backward()
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(previous[name])
+    batches = tqdm(_batches(windows, batch_size), desc="output fisher", unit="batch", disable=not show_progress)
+    with _trainable_only(model, []), _hooks(handles):
+        for batch in batches:
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            # summed (not averaged) over tokens, so each token's gradient is its own sample's
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+            loss.backward()
     return fisher

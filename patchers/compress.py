@@ -138,7 +138,9 @@ class CalibrationStats:
         return None, None
 
 
-def _stats(model: nn.Module, linears: dict[str, nn.Linear], config: LowRank, context: PatchContext) -> CalibrationStats:
+def calibration_stats(
+    model: nn.Module, linears: dict[str, nn.Linear], config: LowRank, context: PatchContext
+) -> CalibrationStats:
     """The run's statistics, reusing what an earlier patch of the same base model computed."""
     c = config
     key = ("lowrank", c.calib_windows, c.calib_seq_len, c.fisher_windows, c.seed, *linears)
@@ -155,7 +157,7 @@ def _stats(model: nn.Module, linears: dict[str, nn.Linear], config: LowRank, con
 def apply_lowrank(model: nn.Module, config: LowRank, context: PatchContext) -> TransformResult:
     linears = find_linears(model, config.targets)
     shapes = {name: tuple(lin.weight.shape) for name, lin in linears.items()}
-    stats = _stats(model, linears, config, context) if config.needs_data else None
+    stats = calibration_stats(model, linears, config, context) if config.needs_data else None
     allocate, spectrum_kind = ALLOCATORS[config.allocator]
     spectra: dict[str, torch.Tensor] = {}
     if spectrum_kind is not None:
