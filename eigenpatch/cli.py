@@ -162,6 +162,10 @@ def run_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_label(step: dict[str, Any]) -> str:
+    return f"{step['allocator']}+{step['factorizer']}" if "allocator" in step else step["transform"]
+
+
 def summarize_patch(report: dict[str, Any], out: Path) -> str:
     from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
 
@@ -171,7 +175,7 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
     rows = []
     for step in report["steps"]:
         tb, ta = step.get("targeted_params_before"), step.get("targeted_params_after")
-        rows.append([f"targeted Linears ({step['transform']})", fmt_count(tb), fmt_count(ta), ratio(tb, ta)])
+        rows.append([f"targeted Linears ({_step_label(step)})", fmt_count(tb), fmt_count(ta), ratio(tb, ta)])
     mb, ma = report["model_params_before"], report["model_params_after"]
     rows.append(["whole model params", fmt_count(mb), fmt_count(ma), ratio(mb, ma)])
     bb, ba = report.get("input_weights_bytes"), report.get("weights_bytes")
@@ -188,7 +192,7 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
     for step in report["steps"]:
         if "factorized" in step:
             lines.append(
-                f"{step['transform']}: {step['factorized']} matrices factorized, {step['kept_dense']} kept dense, "
+                f"{_step_label(step)}: {step['factorized']} matrices factorized, {step['kept_dense']} kept dense, "
                 f"{step['seconds']} s"
             )
     lines.append(f"total {report['seconds']} s. Load it with: eigenpatch.load({str(out)!r})")

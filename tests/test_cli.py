@@ -93,7 +93,9 @@ def test_patch_leaves_input_byte_identical_and_reports_counts(tiny_dir, tmp_path
     assert report["model_params_after"] < report["model_params_before"]
     assert report["weights_bytes"] < report["input_weights_bytes"]
     summary = capsys.readouterr().out
-    assert "targeted Linears (svd)" in summary and "whole model params" in summary and "weights on disk" in summary
+    assert (
+        "targeted Linears (uniform+svd)" in summary and "whole model params" in summary and "weights on disk" in summary
+    )
 
 
 def test_console_script_exit_code_and_help(tiny_dir, tmp_path):
