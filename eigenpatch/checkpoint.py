@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
 from eigenpatch.modules import LowRankLinear
 
@@ -194,33 +193,14 @@ def save(
     end, so an interrupted or failed save leaves no half-written checkpoint. An existing
     ``output`` is replaced only with ``force``.
     """
-    out = Path(output).resolve()
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists; choose another -o/--output or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder should look like any other
-    try:
+    with atomic_output_dir(output, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             report = dict(report, weights_bytes=weights_bytes(tmp))
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(output).resolve()
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: Any) -> PreTrainedModel:

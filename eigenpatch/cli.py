@@ -301,6 +301,9 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", metavar="FILE.png", help="draw the normalized spectra with the chosen ranks")
     _add_model_args(i)
     i.set_defaults(run=run_inspect)
+    from eigenpatch.cli_export import add_export_commands
+
+    add_export_commands(sub)
     return parser
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -137,12 +138,8 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     with FileLock(str(target) + ".lock"):
         if target.exists():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_output_dir(target) as tmp:
             build(tmp)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

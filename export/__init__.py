@@ -1,5 +1,10 @@
-"""ONNX / TensorRT export and the ONNX Runtime runner: lands with the export issue.
+"""ONNX export with a KV cache, verified against PyTorch, and the ONNX Runtime runner.
 
 Imported as ``eigenpatch.export``. A factor pair lowers to two MatMuls; nothing custom in the
 graph. It reads the checkpoint format from the core and never imports ``eigenpatch.patchers``.
+Needs the ``export`` extra (onnx, onnxruntime, onnxscript); importing this package does not.
 """
+
+from eigenpatch.export.runtime import OnnxCausalLM
+
+__all__ = ["OnnxCausalLM"]

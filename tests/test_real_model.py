@@ -106,3 +106,39 @@ def test_default_method_beats_the_svd_llm_reference_and_reloads_exactly(smollm2_
 
     reloaded = eigenpatch.load(eigenpatch.save(model, tmp_path / "best", tokenizer=tokenizer))
     assert perplexity(reloaded, eval_ids, show_progress=False).ppl == pytest.approx(ppl[DEFAULT_METHOD], rel=1e-5)
+
+
+def test_compressed_smollm2_exports_verified_and_runs_like_transformers(smollm2_dir, tmp_path, capsys):
+    """Issue acceptance: a --compress 0.5 SmolLM2 exports with --verify; run-onnx == transformers greedy."""
+    pytest.importorskip("onnxruntime")
+    from eigenpatch.export.onnx import export_onnx
+    from eigenpatch.export.runtime import MODEL_FILE
+    from eigenpatch.patchers import LowRank
+
+    model, tokenizer, _ = load_model(smollm2_dir)
+    dense_dir = tmp_path / "dense-onnx"
+    export_onnx(model, dense_dir, tokenizer=tokenizer, verify=False)
+    config = LowRank(ratio=0.5, allocator="loss", factorizer="fwhiten", calib_windows=8, calib_seq_len=256)
+    eigenpatch.patch(
+        model, config, tokenizer=tokenizer, calib_text=resolve_text("wiki", split="calib"), show_progress=False
+    )
+    params_ratio = sum(p.numel() for p in model.parameters()) / 134_515_008
+    patched = eigenpatch.save(model, tmp_path / "patched", tokenizer=tokenizer)
+    onnx_dir = tmp_path / "patched-onnx"
+    assert main(["export", str(patched), "--onnx", str(onnx_dir)]) == 0
+    assert "verified against PyTorch" in capsys.readouterr().out
+
+    def onnx_bytes(folder):
+        return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(MODEL_FILE))
+
+    assert onnx_bytes(onnx_dir) / onnx_bytes(dense_dir) == pytest.approx(params_ratio, rel=0.05)
+
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
+    assert main(["run-onnx", str(onnx_dir), prompt, "--max-new-tokens", "24", "--json"]) == 0
+    import json
+
+    got = json.loads(capsys.readouterr().out)["completion"]
+    assert got == tokenizer.decode(expected, skip_special_tokens=False)

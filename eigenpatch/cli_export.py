@@ -1,0 +1,91 @@
+"""``eigenpatch export`` and ``eigenpatch run-onnx``: the edge-deployment commands.
+
+Kept apart from :mod:`eigenpatch.cli` so the patching CLI does not import onnx; these need the
+``export`` extra (``pip install -e .[export]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from eigenpatch.errors import UsageError
+
+EXIT_VERIFY_FAILED = 1
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UsageError("ONNX export needs the export extra: pip install -e '.[export]'") from None
+
+
+def run_export(args: argparse.Namespace) -> int:
+    _require_onnx()
+    from eigenpatch.export.onnx import ExportFailed, export_onnx
+    from eigenpatch.hf_io import load_model
+
+    model, tokenizer, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    try:
+        meta = export_onnx(model, args.onnx, tokenizer=tokenizer, verify=not args.no_verify, force=args.force)
+    except ExportFailed as exc:
+        print(f"eigenpatch export: verification failed: {exc}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    parity = meta.get("parity")
+    print(f"wrote {args.onnx} ({meta['num_layers']} layers, KV cache, export {meta['export_seconds']} s)")
+    if parity:
+        print(
+            f"verified against PyTorch: max |logit diff| {parity['max_abs_logit_diff']:.2e} on {parity['prompts']} "
+            f"prompts; {parity['greedy_tokens_matched']} greedy tokens identical through the KV cache"
+        )
+    return 0
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    _require_onnx()
+    from eigenpatch.export.runtime import OnnxCausalLM
+
+    runner = OnnxCausalLM(args.model, provider=args.provider)
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    text = runner.generate_text(args.prompt, **kwargs)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "completion": text, "providers": runner.providers}))
+    else:
+        print(args.prompt + text)
+    return 0
+
+
+def add_export_commands(sub: Any) -> None:
+    e = sub.add_parser(
+        "export",
+        help="export a (patched) model to ONNX with a KV cache, verified against PyTorch",
+        description="Lower MODEL to ONNX (KV cache in and out, dynamic batch/sequence), then check logits and "
+        "32 greedy tokens against PyTorch; exit code 1 when they differ.",
+    )
+    e.add_argument("model", help="model folder (patched or not), zoo name or hub id")
+    e.add_argument("--onnx", required=True, metavar="OUT_DIR", help="output folder")
+    e.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
+    e.add_argument("--force", action="store_true", help="replace an existing output folder")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.set_defaults(run=run_export)
+    r = sub.add_parser("run-onnx", help="generate text from an exported model with ONNX Runtime")
+    r.add_argument("model", help="folder written by eigenpatch export")
+    r.add_argument("prompt")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--sample", action="store_true", help="top-p sampling instead of greedy")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-p", type=float, default=0.9)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--provider", help="force an execution provider: CPU, CUDA, Tensorrt (default: best available)")
+    r.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
+    r.set_defaults(run=run_onnx)
