@@ -65,6 +65,14 @@ def smollm2_dir() -> Path:
     return resolve_model("smollm2-135m")
 
 
+def copy_folder(src: Path, dst: Path) -> Path:
+    """A flat copy of a model / export folder, to damage in a test without touching the original."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder``: proves a run left its input byte-identical."""
     return {

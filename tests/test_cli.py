@@ -8,18 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_digest
+from conftest import copy_folder, tree_digest
 from safetensors.torch import load_file, save_file
 
 from eigenpatch.cli import main, patch_model_main
 from eigenpatch.errors import EXIT_USAGE
-
-
-def _copy_model(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
 
 
 def _corrupt(folder: Path) -> None:
@@ -51,7 +44,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gives_one_line_exit_2_and_no_output(case, tiny_dir, tmp_path, capsys):
     argv, damage, needle = BAD_INPUTS[case]
-    copy = _copy_model(tiny_dir, tmp_path / "copy") if damage else None
+    copy = copy_folder(tiny_dir, tmp_path / "copy") if damage else None
     if damage:
         damage(copy)
     out = tmp_path / "out"
@@ -132,7 +125,7 @@ def test_patched_model_forward_is_finite(tiny_dir, tmp_path):
 
 @pytest.fixture
 def tiny_dir_with_tokenizer(tiny_dir, tiny_tokenizer, tmp_path):
-    folder = _copy_model(tiny_dir, tmp_path / "tiny-tok")
+    folder = copy_folder(tiny_dir, tmp_path / "tiny-tok")
     tiny_tokenizer.save_pretrained(folder)
     return folder
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import copy_folder, make_tiny
 
 import eigenpatch
 from eigenpatch.errors import EXIT_USAGE, UsageError
@@ -76,10 +76,7 @@ def test_sampling_is_seeded(exported):
 
 def test_corrupted_onnx_is_a_clear_error(exported, tmp_path):
     _, out, _ = exported
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in out.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = copy_folder(out, tmp_path / "broken")
     data = (broken / MODEL_FILE).read_bytes()
     (broken / MODEL_FILE).write_bytes(data[: len(data) // 3])
     with pytest.raises(UsageError, match="cannot load"):
@@ -93,10 +90,7 @@ def test_mismatched_tokenizer_is_refused(exported, tmp_path):
     from eigenpatch.zoo import resolve_text
 
     _, out, _ = exported
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in out.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
+    other = copy_folder(out, tmp_path / "other")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=2048, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
