@@ -31,7 +31,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     model, tokenizer, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
     try:
-        meta = export_onnx(model, args.onnx, tokenizer=tokenizer, verify=not args.no_verify, force=args.force)
+        meta = export_onnx(
+            model, args.onnx, tokenizer=tokenizer, verify=not args.no_verify, force=args.force, int8=args.int8
+        )
     except ExportFailed as exc:
         print(f"eigenpatch export: verification failed: {exc}", file=sys.stderr)
         return EXIT_VERIFY_FAILED
@@ -41,6 +43,12 @@ def run_export(args: argparse.Namespace) -> int:
         print(
             f"verified against PyTorch: max |logit diff| {parity['max_abs_logit_diff']:.2e} on {parity['prompts']} "
             f"prompts; {parity['greedy_tokens_matched']} greedy tokens identical through the KV cache"
+        )
+    if args.int8:
+        agree = meta["int8_parity"]
+        print(
+            f"int8 weights: {meta['fp32_bytes'] / 1e6:.1f} MB -> {meta['int8_bytes'] / 1e6:.1f} MB; "
+            f"greedy steps agreeing with PyTorch fp32 per prompt: {agree['greedy_steps_agreeing']} of {agree['of']}"
         )
     return 0
 
@@ -76,6 +84,7 @@ def add_export_commands(sub: Any) -> None:
     e.add_argument("--onnx", required=True, metavar="OUT_DIR", help="output folder")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
+    e.add_argument("--int8", action="store_true", help="int8 MatMul weights (dynamic quantization) after fp32 checks")
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(run=run_export)
     r = sub.add_parser("run-onnx", help="generate text from an exported model with ONNX Runtime")

@@ -111,3 +111,15 @@ def test_export_refuses_existing_output_and_leaves_it_untouched(exported):
 def test_export_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--onnx", str(tmp_path / "o")]) == EXIT_USAGE
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_int8_export_shrinks_and_reports_greedy_agreement(tmp_path, tiny_tokenizer):
+    model = make_tiny("llama")
+    eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
+    meta = export_onnx(model, tmp_path / "int8", tokenizer=tiny_tokenizer, int8=True)
+    assert meta["weights"] == "int8" and meta["parity"]["max_abs_logit_diff"] <= 1e-4  # fp32 checked first
+    assert meta["int8_bytes"] < 0.75 * meta["fp32_bytes"]  # the embedding Gather stays fp32
+    agreement = meta["int8_parity"]
+    assert len(agreement["greedy_steps_agreeing"]) == 5 and 0 <= agreement["min"] <= agreement["of"]
+    runner = OnnxCausalLM(tmp_path / "int8")
+    assert len(runner.generate([1, 2, 3], max_new_tokens=4, stop_at_eos=False)) == 4
