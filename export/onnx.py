@@ -172,9 +172,8 @@ def _onnx_bytes(folder: Path) -> int:
 
 def _quantize_int8(folder: Path) -> None:
     """Replace the fp32 graph in ``folder`` by its int8-weight version (dynamic quantization)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32, int8 = folder / MODEL_FILE, folder / "model.int8.onnx"
     graph = onnx.load(str(fp32), load_external_data=False).graph
