@@ -170,11 +170,6 @@ def attach_format(model: PreTrainedModel, recipe: list[dict[str, Any]], base_mod
     return qconfig
 
 
-def folder_bytes(path: str | os.PathLike) -> int:
-    """Bytes of all files under ``path`` (what a user pays on disk)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def weights_bytes(path: str | os.PathLike) -> int:
     """Bytes of the safetensors weight files under ``path``."""
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -51,7 +51,6 @@ class TransformResult:
 
 
 Handler = Callable[[nn.Module, Any, PatchContext], TransformResult]
-ConfigT = TypeVar("ConfigT", bound=type[TransformConfig])
 
 _REGISTRY: dict[str, tuple[type[TransformConfig], Handler]] = {}
 
