@@ -203,9 +203,3 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: 
     register_with_transformers()
     kwargs.setdefault("trust_remote_code", False)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
-
-
-def read_report(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The run report stored beside a patched checkpoint, if any."""
-    file = Path(path) / REPORT_FILE
-    return json.loads(file.read_text()) if file.is_file() else None

@@ -157,7 +157,7 @@ def run_patch(args: argparse.Namespace) -> int:
     report["input_weights_bytes"] = weights_bytes(folder)
     report["seconds"] = round(time.perf_counter() - start, 2)
     out = eigenpatch.save(model, output, tokenizer=tokenizer, report=report, force=args.force)
-    report = eigenpatch.checkpoint.read_report(out) or report
+    report["weights_bytes"] = weights_bytes(out)
     print(summarize_patch(report, out))
     return 0
 

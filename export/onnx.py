@@ -154,14 +154,16 @@ def export_onnx(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        prompts = prompt_ids(tokenizer, vocab)
+        references = greedy_references(model, prompts) if verify or int8 else []
         if verify:
-            meta["parity"] = verify_export(model, tmp, tokenizer)
+            meta["parity"] = verify_export(model, tmp, prompts, references)
         if int8:
             meta["fp32_bytes"] = _onnx_bytes(tmp)
             _quantize_int8(tmp)
             meta["weights"] = "int8"
             meta["int8_bytes"] = _onnx_bytes(tmp)
-            meta["int8_parity"] = greedy_agreement(model, tmp, tokenizer)
+            meta["int8_parity"] = greedy_agreement(tmp, prompts, references)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -192,22 +194,36 @@ def _quantize_int8(folder: Path) -> None:
     int8.rename(fp32)
 
 
+def _first_divergence(got: list[int], reference: list[int]) -> int:
+    """Number of leading greedy steps on which ``got`` agrees with ``reference``."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(got, reference, strict=False)) if a != b), min(len(got), len(reference))
+    )
+
+
 @torch.no_grad()
-def greedy_agreement(model: PreTrainedModel, path: Path, tokenizer: Any = None) -> dict[str, Any]:
-    """Per prompt, how many greedy steps the ONNX graph agrees with ``transformers.generate`` (of 32)."""
-    runner = OnnxCausalLM(path, provider="CPU")
-    steps = []
-    for ids in _prompt_ids(tokenizer, runner.meta["vocab_size"]):
-        reference = model.generate(
+def greedy_references(model: PreTrainedModel, prompts: list[list[int]]) -> list[list[int]]:
+    """``transformers.generate`` greedy continuations: computed once, checked against every graph."""
+    return [
+        model.generate(
             torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, do_sample=False, attention_mask=torch.ones(1, len(ids))
         )[0, len(ids) :].tolist()
-        got = runner.generate(ids, max_new_tokens=GREEDY_STEPS)
-        agree = next((i for i, (a, b) in enumerate(zip(got, reference, strict=False)) if a != b), len(reference))
-        steps.append(agree)
+        for ids in prompts
+    ]
+
+
+def greedy_agreement(path: Path, prompts: list[list[int]], references: list[list[int]]) -> dict[str, Any]:
+    """Per prompt, how many greedy steps the ONNX graph agrees with PyTorch (of ``GREEDY_STEPS``)."""
+    runner = OnnxCausalLM(path, provider="CPU")
+    steps = [
+        _first_divergence(runner.generate(ids, max_new_tokens=GREEDY_STEPS), ref)
+        for ids, ref in zip(prompts, references, strict=True)
+    ]
     return {"greedy_steps_agreeing": steps, "of": GREEDY_STEPS, "min": min(steps)}
 
 
-def _prompt_ids(tokenizer: Any, vocab: int) -> list[list[int]]:
+def prompt_ids(tokenizer: Any, vocab: int) -> list[list[int]]:
+    """The fixed verification prompts as token ids (seeded random ids when there is no tokenizer)."""
     if tokenizer is not None:
         return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     gen = torch.Generator().manual_seed(1)
@@ -215,10 +231,11 @@ def _prompt_ids(tokenizer: Any, vocab: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def verify_export(model: PreTrainedModel, path: Path, tokenizer: Any = None) -> dict[str, Any]:
+def verify_export(
+    model: PreTrainedModel, path: Path, prompts: list[list[int]], references: list[list[int]]
+) -> dict[str, Any]:
     """Logits parity and greedy-token identity (through the KV cache) of the ONNX graph vs PyTorch."""
     runner = OnnxCausalLM(path, provider="CPU")
-    prompts = _prompt_ids(tokenizer, runner.meta["vocab_size"])
     worst = 0.0
     for ids in prompts:
         ids_np = np.asarray([ids], dtype=np.int64)
@@ -228,16 +245,12 @@ def verify_export(model: PreTrainedModel, path: Path, tokenizer: Any = None) -> 
     if not worst <= LOGITS_ATOL:
         raise ExportFailed(f"ONNX logits differ from PyTorch by {worst:.3g} (> {LOGITS_ATOL}); the export is wrong")
     matched = 0
-    for ids in prompts:
-        reference = model.generate(
-            torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, do_sample=False, attention_mask=torch.ones(1, len(ids))
-        )[0, len(ids) :].tolist()
+    for ids, reference in zip(prompts, references, strict=True):
         got = runner.generate(ids, max_new_tokens=GREEDY_STEPS)
         if got != reference:
-            first = next((i for i, (a, b) in enumerate(zip(got, reference, strict=False)) if a != b), len(got))
             raise ExportFailed(
-                f"greedy decoding through the ONNX KV cache diverges from transformers at step {first} "
-                f"(prompt {ids[:8]}...); the export is wrong"
+                f"greedy decoding through the ONNX KV cache diverges from transformers at step "
+                f"{_first_divergence(got, reference)} (prompt {ids[:8]}...); the export is wrong"
             )
         matched += len(got)
     return {"max_abs_logit_diff": worst, "prompts": len(prompts), "greedy_tokens_matched": matched}
