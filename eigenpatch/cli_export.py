@@ -29,13 +29,25 @@ def run_export(args: argparse.Namespace) -> int:
     from eigenpatch.export.onnx import ExportFailed, export_onnx
     from eigenpatch.hf_io import load_model
 
+    if args.tensorrt:
+        from eigenpatch.export.tensorrt import tensorrt_unavailable
+
+        if (reason := tensorrt_unavailable()) is not None:  # before loading anything
+            raise UsageError(reason)
+    precision = "int8" if args.int8 else "float16" if args.fp16 else "float32"
     model, tokenizer, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
     try:
         meta = export_onnx(
-            model, args.onnx, tokenizer=tokenizer, verify=not args.no_verify, force=args.force, int8=args.int8
+            model,
+            args.onnx,
+            tokenizer=tokenizer,
+            verify=not args.no_verify,
+            force=args.force,
+            precision=precision,
+            tensorrt=args.tensorrt,
         )
     except ExportFailed as exc:
-        print(f"eigenpatch export: verification failed: {exc}", file=sys.stderr)
+        print(f"eigenpatch export: failed: {exc}", file=sys.stderr)
         return EXIT_VERIFY_FAILED
     parity = meta.get("parity")
     print(f"wrote {args.onnx} ({meta['num_layers']} layers, KV cache, export {meta['export_seconds']} s)")
@@ -44,12 +56,16 @@ def run_export(args: argparse.Namespace) -> int:
             f"verified against PyTorch: max |logit diff| {parity['max_abs_logit_diff']:.2e} on {parity['prompts']} "
             f"prompts; {parity['greedy_tokens_matched']} greedy tokens identical through the KV cache"
         )
-    if args.int8:
-        agree = meta["int8_parity"]
+    if "precision" in meta:
+        p = meta["precision"]
         print(
-            f"int8 weights: {meta['fp32_bytes'] / 1e6:.1f} MB -> {meta['int8_bytes'] / 1e6:.1f} MB; "
-            f"greedy steps agreeing with PyTorch fp32 per prompt: {agree['greedy_steps_agreeing']} of {agree['of']}"
+            f"{p['kind']}: {p['fp32_bytes'] / 1e6:.1f} MB -> {p['bytes'] / 1e6:.1f} MB; max |logit diff| vs PyTorch "
+            f"fp32 {p['max_abs_logit_diff']:.2e}; greedy steps agreeing per prompt: {p['greedy_steps_agreeing']} "
+            f"of {p['of']}"
         )
+    if "tensorrt" in meta:
+        t = meta["tensorrt"]
+        print(f"TensorRT engine built with {t['builder']} in {t['build_seconds']} s")
     return 0
 
 
@@ -78,13 +94,25 @@ def add_export_commands(sub: Any) -> None:
         "export",
         help="export a (patched) model to ONNX with a KV cache, verified against PyTorch",
         description="Lower MODEL to ONNX (KV cache in and out, dynamic batch/sequence), then check logits and "
-        "32 greedy tokens against PyTorch; exit code 1 when they differ.",
+        "32 greedy tokens against PyTorch; exit code 1 when they differ. --int8 / --fp16 then shrink the "
+        "verified graph and report their parity; --tensorrt builds an engine on a GPU machine.",
     )
     e.add_argument("model", help="model folder (patched or not), zoo name or hub id")
     e.add_argument("--onnx", required=True, metavar="OUT_DIR", help="output folder")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
-    e.add_argument("--int8", action="store_true", help="int8 MatMul weights (dynamic quantization) after fp32 checks")
+    precision = e.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--int8", action="store_true", help="int8 MatMul weights (dynamic quantization) after the fp32 checks"
+    )
+    precision.add_argument(
+        "--fp16", action="store_true", help="fp16 weights, activations and KV cache (GPU targets) after the fp32 checks"
+    )
+    e.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="also build a TensorRT engine (ORT TensorRT EP or trtexec; needs an NVIDIA GPU)",
+    )
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(run=run_export)
     r = sub.add_parser("run-onnx", help="generate text from an exported model with ONNX Runtime")

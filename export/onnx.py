@@ -13,6 +13,7 @@ same tokens as ``transformers.generate`` for ``GREEDY_STEPS`` steps; otherwise e
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -26,7 +27,15 @@ from transformers import DynamicCache, PreTrainedModel
 
 from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
+from eigenpatch.export.precision import (
+    PRECISIONS,
+    first_divergence,
+    onnx_bytes,
+    quantize_int8,
+    reduced_parity,
+)
 from eigenpatch.export.runtime import META_FILE, MODEL_FILE, OnnxCausalLM
+from eigenpatch.export.tensorrt import TensorRTFailed, build_engine, tensorrt_unavailable
 
 #: fp32 parity bound on logits (issue: <= 1e-3; ~1e-4 is typical for a 135M model).
 LOGITS_ATOL = 1e-3
@@ -69,6 +78,43 @@ class KVCacheDecoder(nn.Module):
         return (out.logits, *presents)
 
 
+def trace(
+    model: PreTrainedModel, path: Path, past_names: list[str], present_names: list[str], opset: int | None
+) -> None:
+    """Trace ``KVCacheDecoder(model)`` with dynamic batch/sequence/past and save it with external data."""
+    _, kv_heads, head_dim = _shapes(model.config)
+    dtype = next(model.parameters()).dtype
+    vocab = model.config.get_text_config().vocab_size
+    batch, seq, past_len = 2, 5, 3
+    gen = torch.Generator().manual_seed(0)
+    example = (
+        torch.randint(0, vocab, (batch, seq), generator=gen),
+        torch.ones(batch, past_len + seq, dtype=torch.long),
+        torch.arange(past_len, past_len + seq)[None].expand(batch, -1),
+        *(torch.randn(batch, kv_heads, past_len, head_dim, generator=gen).to(dtype) for _ in past_names),
+    )
+    dyn = torch.export.Dim.DYNAMIC
+    dynamic_shapes = {
+        "input_ids": {0: dyn, 1: dyn},
+        "attention_mask": {0: dyn, 1: dyn},
+        "position_ids": {0: dyn, 1: dyn},
+        "past": tuple({0: dyn, 2: dyn} for _ in past_names),
+    }
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its per-step chatter is not for users
+    with torch.no_grad():
+        program = torch.onnx.export(
+            KVCacheDecoder(model).eval(),
+            example,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+            output_names=["logits", *present_names],
+            opset_version=opset,
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+
+
 def _shapes(config: Any) -> tuple[int, int, int]:
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -88,18 +134,27 @@ def export_onnx(
     verify: bool = True,
     force: bool = False,
     opset: int | None = None,
-    int8: bool = False,
+    precision: str = "float32",
+    tensorrt: bool = False,
 ) -> dict[str, Any]:
     """Write ``model.onnx`` (+ external data), the tokenizer and ``eigenpatch_onnx.json`` to ``output``.
 
     Atomic: everything goes to a temporary folder that is renamed into place only after
     verification passed. Returns the metadata (with parity numbers when ``verify``).
 
-    ``int8``: after the fp32 graph is verified, its MatMul weights are quantized to int8
-    (ONNX Runtime dynamic quantization: int8 weights, activations quantized per call), factor
-    pairs included. int8 cannot meet the fp32 logits bound, so its parity is *reported*
-    (greedy steps that agree with PyTorch per prompt), not enforced.
+    ``precision``: ``"int8"`` quantizes the verified fp32 graph's MatMul weights (ONNX Runtime
+    dynamic quantization, factor pairs included); ``"float16"`` re-traces a half-precision copy
+    (weights, activations and the KV cache in fp16, for GPU targets). Neither can meet the fp32
+    logits bound, so their parity is *reported* under ``meta["precision"]`` (see
+    :mod:`eigenpatch.export.precision`), not enforced.
+
+    ``tensorrt``: after all checks, build a TensorRT engine for the final graph (GPU only; see
+    :mod:`eigenpatch.export.tensorrt`); refused up front, before any work, where it cannot be built.
     """
+    if precision not in ("float32", *PRECISIONS):
+        raise UsageError(f"unknown precision {precision!r}; choose float32, {', '.join(PRECISIONS)}")
+    if tensorrt and (reason := tensorrt_unavailable()) is not None:
+        raise UsageError(reason)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise UsageError("ONNX export (and its fp32 parity check) needs the model loaded in float32")
     model.eval()
@@ -107,36 +162,9 @@ def export_onnx(
     past_names = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present_names = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     vocab = model.config.get_text_config().vocab_size
-    batch, seq, past_len = 2, 5, 3
-    gen = torch.Generator().manual_seed(0)
-    example = (
-        torch.randint(0, vocab, (batch, seq), generator=gen),
-        torch.ones(batch, past_len + seq, dtype=torch.long),
-        torch.arange(past_len, past_len + seq)[None].expand(batch, -1),
-        *(torch.randn(batch, kv_heads, past_len, head_dim, generator=gen) for _ in past_names),
-    )
-    dyn = torch.export.Dim.DYNAMIC
-    dynamic_shapes = {
-        "input_ids": {0: dyn, 1: dyn},
-        "attention_mask": {0: dyn, 1: dyn},
-        "position_ids": {0: dyn, 1: dyn},
-        "past": tuple({0: dyn, 2: dyn} for _ in past_names),
-    }
     with atomic_output_dir(output, force) as tmp:
         start = time.perf_counter()
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its per-step chatter is not for users
-        with torch.no_grad():
-            program = torch.onnx.export(
-                KVCacheDecoder(model).eval(),
-                example,
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes,
-                input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-                output_names=["logits", *present_names],
-                opset_version=opset,
-                verbose=False,
-            )
-        program.save(str(tmp / MODEL_FILE), external_data=True)
+        trace(model, tmp / MODEL_FILE, past_names, present_names, opset)
         meta: dict[str, Any] = {
             "format": 1,
             "dtype": "float32",
@@ -155,50 +183,35 @@ def export_onnx(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         prompts = prompt_ids(tokenizer, vocab)
-        references = greedy_references(model, prompts) if verify or int8 else []
+        reduced = precision != "float32"
+        references = greedy_references(model, prompts) if verify or reduced else []
         if verify:
             meta["parity"] = verify_export(model, tmp, prompts, references)
-        if int8:
-            meta["fp32_bytes"] = _onnx_bytes(tmp)
-            _quantize_int8(tmp)
-            meta["weights"] = "int8"
-            meta["int8_bytes"] = _onnx_bytes(tmp)
-            meta["int8_parity"] = greedy_agreement(tmp, prompts, references)
+        if reduced:
+            fp32_bytes = onnx_bytes(tmp)
+            if precision == "int8":
+                quantize_int8(tmp)
+            else:  # a second trace in fp16: HF's own fp32 upcasts (RMSNorm, softmax) stay in the graph
+                for f in tmp.iterdir():
+                    if f.name.startswith(MODEL_FILE):
+                        f.unlink()
+                half = nn.Module.half(copy.deepcopy(model))  # PreTrainedModel.half refuses patched models
+                trace(half, tmp / MODEL_FILE, past_names, present_names, opset)
+            meta["dtype"] = "float16" if precision == "float16" else "float32"  # of inputs, outputs, KV cache
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # the runner reads the dtype
+            meta["precision"] = {
+                "kind": precision,
+                "fp32_bytes": fp32_bytes,
+                "bytes": onnx_bytes(tmp),
+                **reduced_parity(model, tmp, prompts, references, GREEDY_STEPS),
+            }
+        if tensorrt:
+            try:
+                meta["tensorrt"] = build_engine(tmp, meta, fp16=precision == "float16")
+            except TensorRTFailed as exc:
+                raise ExportFailed(str(exc)) from None
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def _onnx_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(MODEL_FILE))
-
-
-def _quantize_int8(folder: Path) -> None:
-    """Replace the fp32 graph in ``folder`` by its int8-weight version (dynamic quantization)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    fp32, int8 = folder / MODEL_FILE, folder / "model.int8.onnx"
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    head = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and "logits" in n.output]
-    quantize_dynamic(
-        fp32,
-        int8,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,  # measured: per-tensor scales lose greedy agreement within 0-2 steps on SmolLM2
-        nodes_to_exclude=head,  # the output head decides every token; it stays fp32
-    )
-    for f in folder.iterdir():
-        if f.name.startswith(MODEL_FILE):
-            f.unlink()
-    int8.rename(fp32)
-
-
-def _first_divergence(got: list[int], reference: list[int]) -> int:
-    """Number of leading greedy steps on which ``got`` agrees with ``reference``."""
-    return next(
-        (i for i, (a, b) in enumerate(zip(got, reference, strict=False)) if a != b), min(len(got), len(reference))
-    )
 
 
 @torch.no_grad()
@@ -210,16 +223,6 @@ def greedy_references(model: PreTrainedModel, prompts: list[list[int]]) -> list[
         )[0, len(ids) :].tolist()
         for ids in prompts
     ]
-
-
-def greedy_agreement(path: Path, prompts: list[list[int]], references: list[list[int]]) -> dict[str, Any]:
-    """Per prompt, how many greedy steps the ONNX graph agrees with PyTorch (of ``GREEDY_STEPS``)."""
-    runner = OnnxCausalLM(path, provider="CPU")
-    steps = [
-        _first_divergence(runner.generate(ids, max_new_tokens=GREEDY_STEPS), ref)
-        for ids, ref in zip(prompts, references, strict=True)
-    ]
-    return {"greedy_steps_agreeing": steps, "of": GREEDY_STEPS, "min": min(steps)}
 
 
 def prompt_ids(tokenizer: Any, vocab: int) -> list[list[int]]:
@@ -250,7 +253,7 @@ def verify_export(
         if got != reference:
             raise ExportFailed(
                 f"greedy decoding through the ONNX KV cache diverges from transformers at step "
-                f"{_first_divergence(got, reference)} (prompt {ids[:8]}...); the export is wrong"
+                f"{first_divergence(got, reference)} (prompt {ids[:8]}...); the export is wrong"
             )
         matched += len(got)
     return {"max_abs_logit_diff": worst, "prompts": len(prompts), "greedy_tokens_matched": matched}

@@ -46,12 +46,23 @@ class OnnxCausalLM:
             raise UsageError(f"{self.path} is not an eigenpatch ONNX export (needs {MODEL_FILE} and {META_FILE})")
         self.meta: dict[str, Any] = json.loads(meta_file.read_text())
         try:
-            self.session = ort.InferenceSession(str(self.path / MODEL_FILE), providers=choose_providers(provider))
+            self.session = ort.InferenceSession(str(self.path / MODEL_FILE), providers=self._providers(provider))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph types
             first = str(exc).strip().splitlines()[0][:200]
             raise UsageError(f"cannot load {self.path / MODEL_FILE}: {first}; re-run eigenpatch export") from None
         self.tokenizer = self._load_tokenizer()
         self._dtype = np.float16 if self.meta.get("dtype") == "float16" else np.float32
+
+    def _providers(self, requested: str | None) -> list[Any]:
+        """Chosen providers; the TensorRT EP gets the engine cache and profile ``--tensorrt`` built."""
+        names = choose_providers(requested)
+        trt = self.meta.get("tensorrt", {})
+        if "TensorrtExecutionProvider" not in names or trt.get("builder") != "onnxruntime-tensorrt-ep":
+            return names
+        from eigenpatch.export.tensorrt import ep_options
+
+        options = ep_options(self.path, trt["profile"], trt["fp16"])
+        return [(n, options) if n == "TensorrtExecutionProvider" else n for n in names]
 
     def _load_tokenizer(self) -> Any:
         if not (self.path / "tokenizer.json").is_file() and not (self.path / "tokenizer_config.json").is_file():

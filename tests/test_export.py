@@ -116,10 +116,45 @@ def test_export_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
 def test_int8_export_shrinks_and_reports_greedy_agreement(tmp_path, tiny_tokenizer):
     model = make_tiny("llama")
     eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
-    meta = export_onnx(model, tmp_path / "int8", tokenizer=tiny_tokenizer, int8=True)
-    assert meta["weights"] == "int8" and meta["parity"]["max_abs_logit_diff"] <= 1e-4  # fp32 checked first
-    assert meta["int8_bytes"] < 0.75 * meta["fp32_bytes"]  # the embedding Gather stays fp32
-    agreement = meta["int8_parity"]
-    assert len(agreement["greedy_steps_agreeing"]) == 5 and 0 <= agreement["min"] <= agreement["of"]
+    meta = export_onnx(model, tmp_path / "int8", tokenizer=tiny_tokenizer, precision="int8")
+    assert meta["parity"]["max_abs_logit_diff"] <= 1e-4  # fp32 checked first
+    report = meta["precision"]
+    assert report["kind"] == "int8" and report["bytes"] < 0.75 * report["fp32_bytes"]  # the embedding stays fp32
+    assert len(report["greedy_steps_agreeing"]) == 5 and 0 <= report["min"] <= report["of"]
     runner = OnnxCausalLM(tmp_path / "int8")
     assert len(runner.generate([1, 2, 3], max_new_tokens=4, stop_at_eos=False)) == 4
+
+
+def test_fp16_export_halves_the_graph_and_keeps_greedy_tokens(tmp_path, tiny_tokenizer):
+    import onnx
+
+    model = make_tiny("qwen2")
+    eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
+    meta = export_onnx(model, tmp_path / "fp16", tokenizer=tiny_tokenizer, precision="float16")
+    report = meta["precision"]
+    assert report["kind"] == "float16" and report["bytes"] < 0.8 * report["fp32_bytes"]  # + fp32 graph structure
+    assert report["max_abs_logit_diff"] < 2e-2 and report["min"] >= 16  # tiny model: fp16 keeps the argmax
+    graph = onnx.load(str(tmp_path / "fp16" / MODEL_FILE), load_external_data=False).graph
+    weights = [t for t in graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert {i.type.tensor_type.elem_type for i in graph.input[3:]} == {onnx.TensorProto.FLOAT16}  # KV cache in fp16
+    runner = OnnxCausalLM(tmp_path / "fp16")
+    _, past = runner.step(np.array([[1, 2]]), np.ones((1, 2)), runner.empty_past(1))
+    assert next(iter(past.values())).dtype == np.float16
+
+
+def test_tensorrt_without_gpu_is_one_line_exit_2_before_any_work(tmp_path, capsys):
+    from eigenpatch.export.tensorrt import tensorrt_unavailable
+
+    if tensorrt_unavailable() is None:
+        pytest.skip("TensorRT is available here: bench/gpu_check.py exercises it")
+    missing = tmp_path / "missing-model"  # not even loaded: the TensorRT check comes first
+    assert main(["export", str(missing), "--onnx", str(tmp_path / "o"), "--tensorrt"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "TensorRT" in err and not (tmp_path / "o").exists()
+
+
+def test_int8_and_fp16_are_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tmp_path), "--onnx", str(tmp_path / "o"), "--int8", "--fp16"])
+    assert exc.value.code == EXIT_USAGE and "not allowed with" in capsys.readouterr().err

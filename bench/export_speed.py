@@ -1,0 +1,171 @@
+"""Dense vs patched SmolLM2 in ONNX Runtime (CPU), same process: size, load time, prefill and decode speed.
+
+    python bench/export_speed.py                                    # patches with --compress 0.5 itself
+    python bench/export_speed.py --patched patched/smollm2-135m-loss-fwhiten-c0.5   # reuse a checkpoint
+
+Each variant is exported with verification on (fp32 parity with PyTorch is part of export);
+``--int8`` variants report their greedy agreement instead. Timings are interleaved across
+variants, repeated, and the median is kept: these machines are noisy, quote the ratios.
+Prints a table and writes ``bench/results/export_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import eigenpatch
+from eigenpatch.export.onnx import export_onnx
+from eigenpatch.export.precision import onnx_bytes
+from eigenpatch.export.runtime import OnnxCausalLM
+from eigenpatch.hf_io import load_model
+from eigenpatch.patchers import LowRank
+from eigenpatch.table import fmt_bytes, fmt_float, format_table
+from eigenpatch.zoo import resolve_text
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def prompt_tokens(tokenizer: Any, n: int) -> np.ndarray:
+    """The first ``n`` tokens of the held-out wiki text: real text, identical for every variant."""
+    ids = tokenizer(resolve_text("wiki", split="eval")[:20_000], add_special_tokens=False)["input_ids"]
+    return np.asarray([ids[:n]], dtype=np.int64)
+
+
+def time_load(folder: Path) -> float:
+    start = time.perf_counter()
+    OnnxCausalLM(folder, provider="CPU")
+    return time.perf_counter() - start
+
+
+def time_prefill(runner: OnnxCausalLM, ids: np.ndarray) -> float:
+    """Prompt tokens per second for one forward over ``ids`` with an empty cache."""
+    start = time.perf_counter()
+    runner.step(ids, np.ones_like(ids), runner.empty_past(1))
+    return ids.shape[1] / (time.perf_counter() - start)
+
+
+def time_decode(runner: OnnxCausalLM, ids: np.ndarray, steps: int) -> float:
+    """Batch-1 greedy decode tokens per second through the KV cache (the prompt's prefill excluded)."""
+    logits, past = runner.step(ids, np.ones_like(ids), runner.empty_past(1))
+    token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+    length = ids.shape[1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        length += 1
+        logits, past = runner.step(token, np.ones((1, length), dtype=np.int64), past)
+        token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--patched", help="patched checkpoint to use (default: patch --compress 0.5 here)")
+    parser.add_argument("--compress", type=float, default=0.5)
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
+    parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--decode-prompt", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "export_speed.json")
+    args = parser.parse_args()
+
+    dense, tokenizer, _ = load_model(args.model)
+    if args.patched:
+        patched, _, _ = load_model(args.patched)
+        patched_from = args.patched
+    else:  # a quick calibration: this bench measures speed and size, compress_quality.py measures quality
+        patched, _, _ = load_model(args.model)
+        config = LowRank(ratio=args.compress, calib_windows=32, fisher_windows=8)
+        eigenpatch.patch(patched, config, tokenizer=tokenizer, calib_text=resolve_text("wiki", split="calib"))
+        method = f"{config.allocator}+{config.factorizer}"
+        patched_from = f"{args.model} {method} ratio {args.compress} (32 calibration windows)"
+    variants = [("dense", dense, "float32"), ("patched", patched, "float32")]
+    if not args.no_int8:
+        variants += [("dense int8", dense, "int8"), ("patched int8", patched, "int8")]
+
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="eigenpatch-export-bench-") as tmp:
+        folders = {}
+        for name, model, precision in variants:
+            folder = Path(tmp) / name.replace(" ", "-")
+            meta = export_onnx(model, folder, tokenizer=tokenizer, precision=precision)
+            folders[name] = folder
+            parity = meta.get("precision") or meta["parity"]
+            rows[name] = {
+                "bytes": onnx_bytes(folder),
+                "export_seconds": meta["export_seconds"],
+                "max_abs_logit_diff": parity["max_abs_logit_diff"],
+                "greedy": (
+                    f"{meta['parity']['greedy_tokens_matched']}/{meta['parity']['greedy_tokens_matched']}"
+                    if "precision" not in meta
+                    else f"{sum(parity['greedy_steps_agreeing'])}/{parity['of'] * len(parity['greedy_steps_agreeing'])}"
+                ),
+            }
+            print(f"exported {name}: {rows[name]['bytes'] / 1e6:.1f} MB", flush=True)
+        runners = {name: OnnxCausalLM(folder, provider="CPU") for name, folder in folders.items()}
+        prefill_ids = prompt_tokens(tokenizer, args.prefill_tokens)
+        decode_ids = prompt_tokens(tokenizer, args.decode_prompt)
+        samples: dict[str, dict[str, list[float]]] = {n: {"load": [], "prefill": [], "decode": []} for n in rows}
+        for runner in runners.values():  # warm-up: first runs allocate arenas
+            time_prefill(runner, prefill_ids)
+        for r in range(args.repeats):  # interleaved so drift in machine load hits every variant alike
+            for name, runner in runners.items():
+                samples[name]["load"].append(time_load(folders[name]))
+                samples[name]["prefill"].append(time_prefill(runner, prefill_ids))
+                samples[name]["decode"].append(time_decode(runner, decode_ids, args.decode_steps))
+            print(f"repeat {r + 1}/{args.repeats} done", flush=True)
+    for name, s in samples.items():
+        rows[name].update(
+            {
+                "load_seconds": statistics.median(s["load"]),
+                "prefill_tok_s": statistics.median(s["prefill"]),
+                "decode_tok_s": statistics.median(s["decode"]),
+            }
+        )
+    base = rows["dense"]
+    table = [
+        [
+            name,
+            fmt_bytes(r["bytes"]),
+            fmt_float(r["bytes"] / base["bytes"]),
+            fmt_float(r["load_seconds"], 2),
+            fmt_float(r["prefill_tok_s"], 0),
+            fmt_float(r["prefill_tok_s"] / base["prefill_tok_s"]),
+            fmt_float(r["decode_tok_s"], 1),
+            fmt_float(r["decode_tok_s"] / base["decode_tok_s"]),
+            f"{r['max_abs_logit_diff']:.1e}",
+            r["greedy"],
+        ]
+        for name, r in rows.items()
+    ]
+    headers = ["variant", "ONNX size", "x dense", "load s", "prefill tok/s", "x dense", "decode tok/s", "x dense"]
+    print(format_table([*headers, "max |Δlogit|", "greedy = PyTorch"], table))
+    result = {
+        "bench": "export_speed",
+        "model": args.model,
+        "patched": patched_from,
+        "provider": "CPUExecutionProvider",
+        "prefill_tokens": args.prefill_tokens,
+        "decode_prompt_tokens": args.decode_prompt,
+        "decode_steps": args.decode_steps,
+        "repeats": args.repeats,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
