@@ -82,7 +82,7 @@ def main() -> None:
     dense, tokenizer, _ = load_model(args.model)
     if args.patched:
         patched, _, _ = load_model(args.patched)
-        patched_from = args.patched
+        patched_from = Path(args.patched).name
     else:  # a quick calibration: this bench measures speed and size, compress_quality.py measures quality
         patched, _, _ = load_model(args.model)
         config = LowRank(ratio=args.compress, calib_windows=32, fisher_windows=8)

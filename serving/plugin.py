@@ -1,0 +1,28 @@
+"""The ``vllm.general_plugins`` entry point: teaches every vLLM process the eigenpatch format.
+
+vLLM runs general plugins in each of its processes (API server, engine core, workers), possibly
+several times; ``register`` is idempotent and cheap: it imports the method module (which imports
+only vLLM's Python layer classes, no device init) and registers it under ``"eigenpatch"``.
+``EIGENPATCH_VLLM_PLUGIN=0`` disables it, for a vLLM install shared with other projects.
+"""
+
+from __future__ import annotations
+
+import os
+
+QUANT_METHOD = "eigenpatch"
+
+
+def register() -> None:
+    if os.environ.get("EIGENPATCH_VLLM_PLUGIN", "1") == "0":
+        return
+    from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
+
+    from eigenpatch.serving.vllm_method import EigenpatchVllmConfig
+
+    try:
+        if get_quantization_config(QUANT_METHOD) is EigenpatchVllmConfig:
+            return
+    except ValueError:  # not registered yet
+        pass
+    register_quantization_config(QUANT_METHOD)(EigenpatchVllmConfig)

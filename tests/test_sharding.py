@@ -1,0 +1,45 @@
+"""Tensor-parallel placement of factor pairs: shards recombine to the unsharded layer (no vLLM needed)."""
+
+import pytest
+import torch
+
+from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns
+
+
+def _factor_pair(out: int, inp: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(out + inp + rank)
+    return (
+        torch.randn(rank, inp, generator=gen, dtype=torch.float64),
+        torch.randn(out, rank, generator=gen, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_column_parallel_factor_shards_concatenate_to_the_full_output(tp):
+    down, up = _factor_pair(out=96, inp=64, rank=12)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    parts = []
+    for rank in range(tp):
+        start, rows = column_shard_rows(96, 96 // tp, rank)
+        parts.append((x @ down.T) @ up[start : start + rows].T)  # down replicated, up split by rows
+    torch.testing.assert_close(torch.cat(parts, -1), x @ (up @ down).T)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_row_parallel_factor_shards_sum_to_the_full_output(tp):
+    down, up = _factor_pair(out=64, inp=96, rank=12)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    total = torch.zeros(5, 64, dtype=torch.float64)
+    for rank in range(tp):
+        start, cols = row_shard_columns(96, 96 // tp, rank)
+        total += (x[:, start : start + cols] @ down[:, start : start + cols].T) @ up.T  # the all-reduce
+    torch.testing.assert_close(total, x @ (up @ down).T)
+
+
+def test_gqa_kv_shards_are_replicated_when_heads_are_fewer_than_ranks():
+    head_dim, kv_heads, tp = 32, 2, 4  # two KV heads over four ranks: each head on two ranks
+    replicas = tp // kv_heads
+    starts = [column_shard_rows(kv_heads * head_dim, head_dim, r, replicas)[0] for r in range(tp)]
+    assert starts == [0, 0, head_dim, head_dim]
+    with pytest.raises(ValueError, match="rows"):
+        column_shard_rows(kv_heads * head_dim, head_dim, tp, replicas=1)
