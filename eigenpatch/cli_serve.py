@@ -18,15 +18,18 @@ On CPU the KV cache gets VLLM_CPU_KVCACHE_SPACE=1 (GiB) unless you set it or --k
 def run_serve(args: argparse.Namespace) -> int:
     from eigenpatch.serving.launcher import serve
 
-    serve(
-        args.model,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        extra=args.extra,
-        startup_timeout=args.startup_timeout,
-    )
-    return 0
+    try:
+        process = serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            extra=args.extra,
+            startup_timeout=args.startup_timeout,
+        )
+    except KeyboardInterrupt:  # the server has been stopped already
+        return 130
+    return 0 if process.returncode in (0, -15, None) else process.returncode
 
 
 def add_serve_command(sub: Any) -> None:

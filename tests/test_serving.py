@@ -132,9 +132,60 @@ def test_served_tiny_checkpoint_answers_chat(tiny_server):
     assert reply["usage"]["completion_tokens"] > 0
 
 
+def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_tokenizer):
+    """TP = 2 on CPU (one core per worker): column shards split up's rows, row shards down's columns,
+    and the single KV head is replicated on both ranks (GQA with num_kv_heads < tp)."""
+    config = _tiny_config("llama")
+    config.num_key_value_heads = 1
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # k_proj stays dense
+    eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5, targets=targets), show_progress=False)
+    out = tmp_path_factory.mktemp("serve-tp") / "tiny-llama-tp2"
+    eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
+    server = Server(out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", "2")
+    try:
+        prompt = "The fire spread towards the town"
+        reply = server.complete(prompt, max_tokens=16)
+    finally:
+        server.stop()
+    served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+    ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert served == _hf_greedy(out, ids, len(served))
+
+
 def test_serve_refuses_a_folder_without_config(tmp_path, capsys):
     from eigenpatch.cli import main
     from eigenpatch.errors import EXIT_USAGE
 
     assert main(["serve", str(tmp_path)]) == EXIT_USAGE
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compressed_smollm2_serves_completions_and_chat(smollm2_dir, tmp_path):
+    """Issue acceptance: a --compress 0.3 SmolLM2 checkpoint answers /v1/completions and
+    /v1/chat/completions, with the greedy tokens transformers gives on the same checkpoint."""
+    from eigenpatch.hf_io import load_model
+    from eigenpatch.patchers import LowRank
+    from eigenpatch.zoo import resolve_text
+
+    model, tokenizer, _ = load_model(smollm2_dir)
+    config = LowRank(ratio=0.3, allocator="loss", factorizer="fwhiten", calib_windows=8, calib_seq_len=256)
+    calib = resolve_text("wiki", split="calib")
+    eigenpatch.patch(model, config, tokenizer=tokenizer, calib_text=calib, show_progress=False)
+    out = eigenpatch.save(model, tmp_path / "smollm2-c0.3", tokenizer=tokenizer)
+    server = Server(out, "--dtype", "float32", "--max-model-len", "1024")
+    try:
+        prompt = "The capital of France is"
+        reply = server.complete(prompt, max_tokens=12)
+        chat = _post(
+            f"{server.url}/v1/chat/completions",
+            {"model": server.name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16},
+        )
+    finally:
+        server.stop()
+    served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert served == _hf_greedy(out, ids, len(served))
+    assert chat["choices"][0]["message"]["content"].strip()

@@ -43,3 +43,14 @@ def test_gqa_kv_shards_are_replicated_when_heads_are_fewer_than_ranks():
     assert starts == [0, 0, head_dim, head_dim]
     with pytest.raises(ValueError, match="rows"):
         column_shard_rows(kv_heads * head_dim, head_dim, tp, replicas=1)
+
+
+def test_cpu_thread_binding_gives_each_tp_worker_its_own_cores():
+    from eigenpatch.serving.launcher import cpu_thread_binding, tensor_parallel_size
+
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
+    assert cpu_thread_binding(1, [0, 1]) is None and cpu_thread_binding(4, [0, 1]) is None
+    assert tensor_parallel_size(["--dtype", "float32", "--tensor-parallel-size", "2"]) == 2
+    assert tensor_parallel_size(["-tp", "4"]) == 4 and tensor_parallel_size(["--tensor-parallel-size=2"]) == 2
+    assert tensor_parallel_size([]) == 1
