@@ -12,8 +12,6 @@ Prints a table and writes ``bench/results/export_speed.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results_io import RESULTS, write_result
 
 import eigenpatch
 from eigenpatch.export.onnx import export_onnx
@@ -30,8 +29,6 @@ from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import LowRank
 from eigenpatch.table import fmt_bytes, fmt_float, format_table
 from eigenpatch.zoo import resolve_text
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def prompt_tokens(tokenizer: Any, n: int) -> np.ndarray:
@@ -159,12 +156,9 @@ def main() -> None:
         "decode_prompt_tokens": args.decode_prompt,
         "decode_steps": args.decode_steps,
         "repeats": args.repeats,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

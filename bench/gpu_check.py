@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results_io import RESULTS, write_result
 
 import eigenpatch
 from eigenpatch.export.onnx import GREEDY_STEPS, export_onnx, greedy_references, prompt_ids
 from eigenpatch.export.precision import first_divergence
 from eigenpatch.export.runtime import OnnxCausalLM
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def tiny_llama() -> Any:
@@ -124,9 +123,7 @@ def main() -> int:
                 continue
             for provider in ("CPU", "CUDA", "Tensorrt"):
                 step(f"{precision} on {provider}", lambda f=folder, pr=provider: provider_parity(f, pr, prompts, refs))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
     return 1 if failed else 0
 
 

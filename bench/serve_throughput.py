@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import socket
 import tempfile
 import threading
@@ -24,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from results_io import RESULTS, write_result
+
 from eigenpatch.serving.launcher import serve, stop
 from eigenpatch.table import fmt_bytes, fmt_float, format_table
 from eigenpatch.zoo import resolve_model, resolve_text
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def free_port() -> int:
@@ -150,12 +149,9 @@ def main() -> None:
         "dtype": args.dtype,
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
