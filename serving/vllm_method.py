@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn import Parameter
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -43,6 +44,8 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+from vllm.platforms import current_platform
 
 from eigenpatch.modules import DOWN_NAME, UP_NAME
 from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns
@@ -166,22 +169,64 @@ class LowRankLinearMethod(LinearMethodBase):
 
         return load
 
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Give every factor the GEMM vLLM gives dense layers (packed oneDNN / sgl kernels on CPU).
+
+        Measured on the 2-core CPU machine: with plain ``F.linear`` in bf16 the patched SmolLM2
+        decoded at 0.70x the dense speed; the packed kernels are what the dense layers use.
+        The loading buffers are then released: the packed copies are what runs.
+        """
+        shards = layer.eigenpatch_shards
+        gemms = nn.ModuleDict()
+        if shards is None:
+            gemms["down"], gemms["up"] = Gemm(getattr(layer, DOWN_NAME)), Gemm(getattr(layer, UP_NAME))
+        else:
+            if hasattr(layer, DOWN_NAME):
+                gemms["down"] = Gemm(getattr(layer, DOWN_NAME))
+            if hasattr(layer, "weight"):
+                gemms["dense"] = Gemm(layer.weight)
+            up = getattr(layer, UP_NAME, None)
+            for i, s in enumerate(shards):
+                if s.rank is not None:
+                    gemms[f"up{i}"] = Gemm(up[s.up_offset : s.up_offset + s.rows * s.rank].view(s.rows, s.rank))
+        layer.eigenpatch_gemms = gemms
+        for name in (DOWN_NAME, UP_NAME, "weight"):
+            if hasattr(layer, name):
+                param = getattr(layer, name)
+                setattr(layer, name, Parameter(torch.empty(0, dtype=param.dtype), requires_grad=False))
+
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        gemms = layer.eigenpatch_gemms
         shards = layer.eigenpatch_shards
         if shards is None:  # row-parallel: this rank's partial sum; the layer all-reduces it
-            return F.linear(F.linear(x, getattr(layer, DOWN_NAME)), getattr(layer, UP_NAME), bias)
-        latent = F.linear(x, getattr(layer, DOWN_NAME)) if hasattr(layer, DOWN_NAME) else None
-        dense = F.linear(x, layer.weight) if hasattr(layer, "weight") else None
-        up = getattr(layer, UP_NAME, None)
+            y = gemms["up"](gemms["down"](x))
+            return y if bias is None else y + bias
+        latent = gemms["down"](x) if "down" in gemms else None
+        dense = gemms["dense"](x) if "dense" in gemms else None
         outputs = []
-        for s in shards:  # static Python over a fixed layout: traced once by torch.compile
+        for i, s in enumerate(shards):  # static Python over a fixed layout: traced once by torch.compile
             if s.rank is None:
                 outputs.append(dense[..., s.dense_offset : s.dense_offset + s.rows])
             else:
-                block = up[s.up_offset : s.up_offset + s.rows * s.rank].view(s.rows, s.rank)
-                outputs.append(F.linear(latent[..., s.latent_offset : s.latent_offset + s.rank], block))
+                outputs.append(gemms[f"up{i}"](latent[..., s.latent_offset : s.latent_offset + s.rank]))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
+
+
+class Gemm(nn.Module):
+    """One weight matrix behind the GEMM vLLM picks for this platform (packed kernels on CPU)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = Parameter(weight.detach().contiguous().clone(), requires_grad=False)
+        self.cpu_linear: Any = None
+        if current_platform.is_cpu():
+            dispatch_cpu_unquantized_gemm(self, remove_weight=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_linear is not None:
+            return self.cpu_linear(x, self.weight, None)
+        return F.linear(x, self.weight)
 
 
 class EigenpatchVllmConfig(QuantizationConfig):
