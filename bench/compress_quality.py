@@ -12,7 +12,6 @@ disk, wall time and peak RSS of the compression. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import peak_rss_bytes, reset_peak_rss
 
 import eigenpatch
 from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_WINDOWS
@@ -36,19 +36,6 @@ from eigenpatch.zoo import resolve_text
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["svd", "uniform+whiten", "welore+svd", "welore+fwsvd", "welore+whiten", "loss+whiten", "loss+fwhiten"]
 EVAL_TEXTS = ["wiki", "news"]
-
-
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so each phase reports its own peak."""
-    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then spans earlier phases
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def evaluate(model: torch.nn.Module, ids: dict[str, torch.Tensor], label: str) -> dict[str, float]:

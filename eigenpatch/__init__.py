@@ -14,7 +14,7 @@
 from eigenpatch import recipe
 from eigenpatch.checkpoint import EigenpatchConfig, load, register_with_transformers, save
 from eigenpatch.modules import LowRankLinear
-from eigenpatch.patchers import SVD, LowRank
+from eigenpatch.patchers import SVD, Heal, LowRank
 from eigenpatch.recipe import TransformConfig, patch, register_transform
 
 register_with_transformers()
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SVD",
     "EigenpatchConfig",
+    "Heal",
     "LowRank",
     "LowRankLinear",
     "TransformConfig",

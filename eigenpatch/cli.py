@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -100,12 +101,37 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
         help="windows for gradient statistics (%(default)s)",
     )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (%(default)s)")
+    h = p.add_argument_group("healing (train only the factor pairs after compression)")
+    h.add_argument("--heal", type=int, default=0, metavar="STEPS", help="healing steps (default 0: none)")
+    h.add_argument("--heal-loss", choices=["kd", "lm"], default="kd", help="kd: distil the original model (default)")
+    h.add_argument("--heal-lr", type=float, default=3e-4, help="peak AdamW learning rate (%(default)s)")
+    h.add_argument("--heal-batch", type=int, default=2, help="windows per step (%(default)s)")
+    h.add_argument("--heal-seq-len", type=int, default=256, help="tokens per window (%(default)s)")
+    h.add_argument("--heal-grad-accum", type=int, default=1, help="micro-batches per step (%(default)s)")
     _add_model_args(p)
     _add_eval_args(p)
 
 
-def _default_output(model_ref: str, method: str, ratio: float) -> Path:
-    return Path("patched") / f"{Path(model_ref).name or 'model'}-{method.replace('+', '-')}-c{ratio:g}"
+def _default_output(model_ref: str, method: str, ratio: float, heal: int = 0) -> Path:
+    name = f"{Path(model_ref).name or 'model'}-{method.replace('+', '-')}-c{ratio:g}"
+    return Path("patched") / (f"{name}-heal{heal}" if heal else name)
+
+
+def build_heal(args: argparse.Namespace) -> Any:
+    """The ``heal`` config of ``--heal STEPS`` and its flags, or None."""
+    if not args.heal:
+        return None
+    from eigenpatch.patchers import Heal
+
+    return Heal(
+        steps=args.heal,
+        loss=args.heal_loss,
+        lr=args.heal_lr,
+        batch_size=args.heal_batch,
+        seq_len=args.heal_seq_len,
+        grad_accum=args.heal_grad_accum,
+        seed=args.seed,
+    )
 
 
 def build_compression(args: argparse.Namespace) -> Any:
@@ -133,23 +159,33 @@ def run_patch(args: argparse.Namespace) -> int:
     from eigenpatch.zoo import resolve_text
 
     config = build_compression(args)
-    output = Path(args.output) if args.output else _default_output(args.model, args.method, args.compress)
+    heal = build_heal(args)
+    recipe = [config] if heal is None else [config, heal]
+    needs_data = any(c.needs_data for c in recipe)
+    output = Path(args.output) if args.output else _default_output(args.model, args.method, args.compress, args.heal)
     if output.exists() and not args.force:
         raise UsageError(f"output {output} already exists; choose another -o/--output or pass --force to replace it")
-    calib_text = resolve_text(args.calib, split="calib") if config.needs_data else None
+    calib_text = resolve_text(args.calib, split="calib") if needs_data else None
     dtype = parse_dtype(args.dtype)
     start = time.perf_counter()
     model, tokenizer, folder = load_model(args.model, dtype, args.trust_remote_code)
     if folder.resolve() == output.resolve():
         raise UsageError("output folder is the input folder; eigenpatch never modifies its input — pick another -o")
-    if config.needs_data and tokenizer is None:
-        raise UsageError(f"--method {args.method} calibrates on text, but the model folder has no tokenizer")
+    if needs_data and tokenizer is None:
+        raise UsageError(f"--method {args.method} / --heal need text, but the model folder has no tokenizer")
     evals: dict[str, Any] = {}
     ids = _eval_ids(args, tokenizer) if args.eval else None
     if ids is not None:
         evals["before"] = _ppl(model, ids, args, "ppl (base)")
+    state_dir = output.parent / f".{output.name}.heal-state"  # an interrupted --heal resumes from here
     report = eigenpatch.patch(
-        model, config, tokenizer=tokenizer, calib_text=calib_text, base_model=args.model, show_progress=not args.quiet
+        model,
+        recipe,
+        tokenizer=tokenizer,
+        calib_text=calib_text,
+        base_model=args.model,
+        show_progress=not args.quiet,
+        state_dir=state_dir if heal is not None else None,
     )
     if ids is not None:
         evals["after"] = _ppl(model, ids, args, "ppl (patched)")
@@ -157,6 +193,7 @@ def run_patch(args: argparse.Namespace) -> int:
     report["input_weights_bytes"] = weights_bytes(folder)
     report["seconds"] = round(time.perf_counter() - start, 2)
     out = eigenpatch.save(model, output, tokenizer=tokenizer, report=report, force=args.force)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the run finished: nothing left to resume
     report["weights_bytes"] = weights_bytes(out)
     print(summarize_patch(report, out))
     return 0
@@ -175,6 +212,8 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
     rows = []
     for step in report["steps"]:
         tb, ta = step.get("targeted_params_before"), step.get("targeted_params_after")
+        if tb is None:
+            continue
         rows.append([f"targeted Linears ({_step_label(step)})", fmt_count(tb), fmt_count(ta), ratio(tb, ta)])
     mb, ma = report["model_params_before"], report["model_params_after"]
     rows.append(["whole model params", fmt_count(mb), fmt_count(ma), ratio(mb, ma)])
@@ -190,6 +229,13 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
         format_table(["", "before", "after", "after/before"], rows),
     ]
     for step in report["steps"]:
+        if step["transform"] == "heal":
+            resumed = f", resumed at step {step['resumed_from_step']}" if step["resumed_from_step"] else ""
+            lines.append(
+                f"heal: {step['steps']} steps ({step['loss']}), {step['trainable_params']:,} trainable params, "
+                f"loss {step['loss_first']:.3f} -> {step['loss_last']:.3f}, {step['tokens_per_second']:.0f} tok/s, "
+                f"{step['seconds']} s{resumed}"
+            )
         if "factorized" in step:
             lines.append(
                 f"{_step_label(step)}: {step['factorized']} matrices factorized, {step['kept_dense']} kept dense, "

@@ -8,10 +8,12 @@ so a patched folder remembers how it was made and the recipe can be re-run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
@@ -41,6 +43,14 @@ class PatchContext:
     #: Calibration statistics already gathered, keyed by what they depend on. Reuse one dict only
     #: across patches of the same base model with the same calibration text (benchmarks do).
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: A frozen copy of the model as it was before the recipe ran, for transforms that distill
+    #: from it (``heal``); made only when a config's ``needs_teacher`` is true.
+    teacher: nn.Module | None = None
+    #: Where long-running transforms keep resumable state (``heal`` checkpoints); None: no resume.
+    state_dir: Path | None = None
+    #: Called as ``on_step(transform_name, step, model)`` after each training step of transforms
+    #: that train (``heal``): benchmarks evaluate intermediate models through it.
+    on_step: Callable[[str, int, nn.Module], None] | None = None
 
 
 @dataclass
@@ -100,16 +110,23 @@ def patch(
     base_model: str | None = None,
     show_progress: bool = True,
     calibration_cache: dict[Any, Any] | None = None,
+    state_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Apply ``recipe`` to ``model`` in place, in order, and describe the result in its config.
 
     Returns the run report (parameter counts before/after, per-transform details, seconds).
     After this, ``save_pretrained`` / :func:`eigenpatch.save` writes the eigenpatch format.
+    ``state_dir``: where resumable transforms (``heal``) checkpoint; rerunning the same recipe
+    with the same ``state_dir`` continues an interrupted run.
     """
     configs = [recipe] if isinstance(recipe, TransformConfig) else list(recipe)
     context = PatchContext(tokenizer=tokenizer, calib_text=calib_text, show_progress=show_progress)
     if calibration_cache is not None:
         context.cache = calibration_cache
+    if state_dir is not None:
+        context.state_dir = Path(state_dir)
+    if any(getattr(c, "needs_teacher", False) for c in configs):
+        context.teacher = copy.deepcopy(model).eval().requires_grad_(False)
     before = count_parameters(model)
     steps = []
     for config in configs:

@@ -5,6 +5,7 @@ bare ``patchers``, which would create a second copy of every class.
 """
 
 from eigenpatch.patchers.compress import LowRank, parse_method
+from eigenpatch.patchers.heal import Heal
 from eigenpatch.patchers.svd import SVD
 
-__all__ = ["SVD", "LowRank", "parse_method"]
+__all__ = ["SVD", "Heal", "LowRank", "parse_method"]

@@ -1,0 +1,141 @@
+"""Healing a compressed SmolLM2: perplexity after N steps, LRC-only vs full fine-tuning, KD vs LM loss.
+
+    python bench/heal.py --checkpoint patched/smollm2-135m-loss-fwhiten-c0.5 --steps 100 300
+    python bench/heal.py --checkpoint ... --modes lrc-kd --steps 50 100 200 --seq-len 128 --batch 1
+
+Modes: ``lrc-kd`` (the default of ``--heal``: factor pairs only, distilled from the dense model),
+``lrc-lm`` (factor pairs only, next-token loss), ``full-kd`` (every parameter, the full
+fine-tuning baseline). Each mode starts from the same checkpoint, trains to the largest step
+count and is evaluated on the way (wiki and news eval splits, 4,096 tokens each, never trained
+on); training time excludes evaluation. Peak RSS is the process's during training (reset before
+each mode). Prints a table and writes ``bench/results/heal.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from results_io import RESULTS, peak_rss_bytes, reset_peak_rss, write_result
+
+from eigenpatch.evaluate import perplexity, tokenize
+from eigenpatch.hf_io import load_model
+from eigenpatch.patchers.heal import Heal, apply_heal, trainable_parameters
+from eigenpatch.recipe import PatchContext
+from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
+from eigenpatch.zoo import resolve_text
+
+MODES = {"lrc-kd": ("factors", "kd"), "lrc-lm": ("factors", "lm"), "full-kd": ("all", "kd")}
+EVAL_TEXTS = ("wiki", "news")
+
+
+def evaluate(model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {t: perplexity(model, x, show_progress=False).ppl for t, x in ids.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="compressed checkpoint written by patch-model")
+    parser.add_argument("--teacher", default="smollm2-135m", help="the dense model it was compressed from")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--steps", nargs="+", type=int, default=[100, 300])
+    parser.add_argument("--lr", type=float, default=Heal.lr)
+    parser.add_argument("--batch", type=int, default=Heal.batch_size)
+    parser.add_argument("--seq-len", type=int, default=Heal.seq_len)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=RESULTS / "heal.json")
+    args = parser.parse_args()
+
+    teacher, tokenizer, _ = load_model(args.teacher)
+    teacher.eval().requires_grad_(False)
+    ids = {t: tokenize(tokenizer, resolve_text(t, split="eval"), args.eval_tokens) for t in EVAL_TEXTS}
+    dense = evaluate(teacher, ids)
+    calib = resolve_text("wiki", split="calib")
+    checkpoints = sorted(set(args.steps))
+    rows: list[dict[str, Any]] = []
+    unhealed: dict[str, float] | None = None
+    for mode in args.modes:
+        trainable, loss = MODES[mode]
+        student, _, _ = load_model(args.checkpoint)
+        if unhealed is None:
+            unhealed = evaluate(student, ids)
+            rows.append({"mode": "unhealed", "steps": 0, "ppl": unhealed})
+        eval_seconds = 0.0
+
+        def on_step(_: str, step: int, model: torch.nn.Module, mode: str = mode) -> None:
+            nonlocal eval_seconds
+            if step in checkpoints:
+                t = time.perf_counter()
+                rows.append({"mode": mode, "steps": step, "ppl": evaluate(model, ids)})
+                eval_seconds += time.perf_counter() - t
+                print(f"{mode} step {step}: {rows[-1]['ppl']}", flush=True)
+
+        context = PatchContext(tokenizer=tokenizer, calib_text=calib, teacher=teacher, on_step=on_step)
+        config = Heal(
+            steps=checkpoints[-1],
+            loss=loss,
+            trainable=trainable,
+            lr=args.lr,
+            batch_size=args.batch,
+            seq_len=args.seq_len,
+        )
+        reset_peak_rss()
+        start = time.perf_counter()
+        result = apply_heal(student, config, context).details
+        seconds = time.perf_counter() - start - eval_seconds
+        for row in rows:
+            if row["mode"] == mode:
+                row.update(
+                    {
+                        "train_seconds_total": round(seconds, 1),
+                        "tokens_per_second": round(result["tokens"] / seconds, 1),
+                        "trainable_params": sum(p.numel() for p in trainable_parameters(student, trainable).values()),
+                        "peak_rss": peak_rss_bytes(),
+                        "loss_curve": result["loss_curve"],
+                    }
+                )
+        del student
+    table = []
+    for row in rows:
+        gaps = [
+            (unhealed[t] - row["ppl"][t]) / (unhealed[t] - dense[t]) if unhealed[t] != dense[t] else 0.0
+            for t in EVAL_TEXTS
+        ]
+        row["gap_closed"] = dict(zip(EVAL_TEXTS, gaps, strict=True))
+        table.append(
+            [
+                row["mode"],
+                row["steps"],
+                fmt_float(row["ppl"]["wiki"]),
+                fmt_float(row["ppl"]["news"]),
+                f"{gaps[0]:.0%} / {gaps[1]:.0%}",
+                fmt_float(row.get("train_seconds_total"), 0),
+                fmt_float(row.get("tokens_per_second"), 1),
+                fmt_count(row.get("trainable_params")),
+                fmt_bytes(row.get("peak_rss")),
+            ]
+        )
+    print(f"dense: ppl wiki {dense['wiki']:.2f}, news {dense['news']:.2f}")
+    headers = ["mode", "steps", "ppl wiki", "ppl news", "gap closed w/n", "train s (all steps)", "tok/s"]
+    print(format_table([*headers, "trainable", "peak RSS"], table))
+    write_result(
+        args.out,
+        {
+            "bench": "heal",
+            "checkpoint": Path(args.checkpoint).name,
+            "teacher": args.teacher,
+            "lr": args.lr,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "eval_tokens": args.eval_tokens,
+            "dense_ppl": dense,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
