@@ -26,6 +26,7 @@ examples:
   patch-model ./my-llama --compress 0.3 -o out/    # any local HF folder, calibrated on the wiki text
   patch-model --compress 0.4 --method welore+whiten --calib my_corpus.txt --eval
   patch-model --compress 0.5 --method svd          # data-free baseline (fast, and much worse)
+  patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable if interrupted)
   python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
 """
 
@@ -101,13 +102,15 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
         help="windows for gradient statistics (%(default)s)",
     )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (%(default)s)")
+    from eigenpatch.patchers.heal import Heal
+
     h = p.add_argument_group("healing (train only the factor pairs after compression)")
     h.add_argument("--heal", type=int, default=0, metavar="STEPS", help="healing steps (default 0: none)")
     h.add_argument("--heal-loss", choices=["kd", "lm"], default="kd", help="kd: distil the original model (default)")
-    h.add_argument("--heal-lr", type=float, default=3e-4, help="peak AdamW learning rate (%(default)s)")
-    h.add_argument("--heal-batch", type=int, default=2, help="windows per step (%(default)s)")
-    h.add_argument("--heal-seq-len", type=int, default=256, help="tokens per window (%(default)s)")
-    h.add_argument("--heal-grad-accum", type=int, default=1, help="micro-batches per step (%(default)s)")
+    h.add_argument("--heal-lr", type=float, default=Heal.lr, help="peak AdamW learning rate (%(default)s)")
+    h.add_argument("--heal-batch", type=int, default=Heal.batch_size, help="windows per step (%(default)s)")
+    h.add_argument("--heal-seq-len", type=int, default=Heal.seq_len, help="tokens per window (%(default)s)")
+    h.add_argument("--heal-grad-accum", type=int, default=Heal.grad_accum, help="micro-batches per step (%(default)s)")
     _add_model_args(p)
     _add_eval_args(p)
 
