@@ -30,7 +30,7 @@ import numpy as np
 from results_io import RESULTS, write_result
 
 import eigenpatch
-from eigenpatch.export.onnx import GREEDY_STEPS, export_onnx, greedy_references, prompt_ids
+from eigenpatch.export.onnx import GREEDY_STEPS, export_onnx, prompt_ids, pytorch_reference
 from eigenpatch.export.precision import first_divergence
 from eigenpatch.export.runtime import OnnxCausalLM
 
@@ -95,7 +95,7 @@ def main() -> int:
     eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
     vocab = model.config.vocab_size
     prompts = prompt_ids(tokenizer, vocab)
-    refs = greedy_references(model, prompts)
+    refs = pytorch_reference(model, prompts).greedy
     failed = False
 
     def step(name: str, fn: Any) -> Any:

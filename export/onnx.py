@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
@@ -29,10 +28,13 @@ from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
 from eigenpatch.export.precision import (
     PRECISIONS,
+    Reference,
     first_divergence,
+    max_logit_diff,
     onnx_bytes,
     quantize_int8,
     reduced_parity,
+    replace_graph,
 )
 from eigenpatch.export.runtime import META_FILE, MODEL_FILE, OnnxCausalLM
 from eigenpatch.export.tensorrt import TensorRTFailed, build_engine, tensorrt_unavailable
@@ -184,26 +186,25 @@ def export_onnx(
             tokenizer.save_pretrained(tmp)
         prompts = prompt_ids(tokenizer, vocab)
         reduced = precision != "float32"
-        references = greedy_references(model, prompts) if verify or reduced else []
+        reference = pytorch_reference(model, prompts) if verify or reduced else None
         if verify:
-            meta["parity"] = verify_export(model, tmp, prompts, references)
+            meta["parity"] = verify_export(tmp, reference)
         if reduced:
             fp32_bytes = onnx_bytes(tmp)
             if precision == "int8":
                 quantize_int8(tmp)
             else:  # a second trace in fp16: HF's own fp32 upcasts (RMSNorm, softmax) stay in the graph
-                for f in tmp.iterdir():
-                    if f.name.startswith(MODEL_FILE):
-                        f.unlink()
                 half = nn.Module.half(copy.deepcopy(model))  # PreTrainedModel.half refuses patched models
-                trace(half, tmp / MODEL_FILE, past_names, present_names, opset)
+                (tmp / "fp16").mkdir()
+                trace(half, tmp / "fp16" / MODEL_FILE, past_names, present_names, opset)
+                replace_graph(tmp, tmp / "fp16")
             meta["dtype"] = "float16" if precision == "float16" else "float32"  # of inputs, outputs, KV cache
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # the runner reads the dtype
             meta["precision"] = {
                 "kind": precision,
                 "fp32_bytes": fp32_bytes,
                 "bytes": onnx_bytes(tmp),
-                **reduced_parity(model, tmp, prompts, references, GREEDY_STEPS),
+                **reduced_parity(tmp, reference, GREEDY_STEPS),
             }
         if tensorrt:
             try:
@@ -215,14 +216,16 @@ def export_onnx(
 
 
 @torch.no_grad()
-def greedy_references(model: PreTrainedModel, prompts: list[list[int]]) -> list[list[int]]:
-    """``transformers.generate`` greedy continuations: computed once, checked against every graph."""
-    return [
+def pytorch_reference(model: PreTrainedModel, prompts: list[list[int]]) -> Reference:
+    """PyTorch's logits and ``transformers.generate`` greedy continuations for ``prompts``, once."""
+    logits = [model(input_ids=torch.tensor([ids])).logits.numpy() for ids in prompts]
+    greedy = [
         model.generate(
             torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, do_sample=False, attention_mask=torch.ones(1, len(ids))
         )[0, len(ids) :].tolist()
         for ids in prompts
     ]
+    return Reference(prompts, logits, greedy)
 
 
 def prompt_ids(tokenizer: Any, vocab: int) -> list[list[int]]:
@@ -233,27 +236,19 @@ def prompt_ids(tokenizer: Any, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (5, 9, 3, 12, 7)]
 
 
-@torch.no_grad()
-def verify_export(
-    model: PreTrainedModel, path: Path, prompts: list[list[int]], references: list[list[int]]
-) -> dict[str, Any]:
+def verify_export(path: Path, reference: Reference) -> dict[str, Any]:
     """Logits parity and greedy-token identity (through the KV cache) of the ONNX graph vs PyTorch."""
     runner = OnnxCausalLM(path, provider="CPU")
-    worst = 0.0
-    for ids in prompts:
-        ids_np = np.asarray([ids], dtype=np.int64)
-        logits, _ = runner.step(ids_np, np.ones_like(ids_np), runner.empty_past(1))
-        expected = model(input_ids=torch.tensor([ids])).logits.numpy()
-        worst = max(worst, float(np.abs(logits - expected).max()))
+    worst = max_logit_diff(runner, reference)
     if not worst <= LOGITS_ATOL:
         raise ExportFailed(f"ONNX logits differ from PyTorch by {worst:.3g} (> {LOGITS_ATOL}); the export is wrong")
     matched = 0
-    for ids, reference in zip(prompts, references, strict=True):
+    for ids, greedy in zip(reference.prompts, reference.greedy, strict=True):
         got = runner.generate(ids, max_new_tokens=GREEDY_STEPS)
-        if got != reference:
+        if got != greedy:
             raise ExportFailed(
                 f"greedy decoding through the ONNX KV cache diverges from transformers at step "
-                f"{first_divergence(got, reference)} (prompt {ids[:8]}...); the export is wrong"
+                f"{first_divergence(got, greedy)} (prompt {ids[:8]}...); the export is wrong"
             )
         matched += len(got)
-    return {"max_abs_logit_diff": worst, "prompts": len(prompts), "greedy_tokens_matched": matched}
+    return {"max_abs_logit_diff": worst, "prompts": len(reference.prompts), "greedy_tokens_matched": matched}

@@ -8,12 +8,11 @@ not enforced: how far a 50 % low-rank model survives int8 is a measurement, not 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from transformers import PreTrainedModel
 
 from eigenpatch.export.runtime import MODEL_FILE, OnnxCausalLM
 
@@ -25,7 +24,7 @@ def onnx_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(MODEL_FILE))
 
 
-def _replace_graph(folder: Path, staging: Path) -> None:
+def replace_graph(folder: Path, staging: Path) -> None:
     """Swap the graph files in ``folder`` for those in the ``staging`` subfolder (same names)."""
     for f in folder.iterdir():
         if f.name.startswith(MODEL_FILE):
@@ -52,7 +51,7 @@ def quantize_int8(folder: Path) -> None:
         per_channel=True,  # measured: per-tensor scales lose greedy agreement within 0-2 steps on SmolLM2
         nodes_to_exclude=head,  # the output head decides every token; it stays fp32
     )
-    _replace_graph(folder, staging)
+    replace_graph(folder, staging)
 
 
 def first_divergence(got: list[int], reference: list[int]) -> int:
@@ -62,18 +61,31 @@ def first_divergence(got: list[int], reference: list[int]) -> int:
     )
 
 
-@torch.no_grad()
-def reduced_parity(
-    model: PreTrainedModel, folder: Path, prompts: list[list[int]], references: list[list[int]], steps: int
-) -> dict[str, Any]:
-    """How close a reduced-precision graph stays to PyTorch fp32: logits and greedy agreement per prompt."""
-    runner = OnnxCausalLM(folder, provider="CPU")
+@dataclass
+class Reference:
+    """PyTorch fp32's answers on the fixed prompts: computed once, checked against every graph."""
+
+    prompts: list[list[int]]
+    logits: list[np.ndarray]  # one forward per prompt, [1, len, vocab]
+    greedy: list[list[int]]  # transformers.generate greedy continuations
+
+
+def max_logit_diff(runner: OnnxCausalLM, reference: Reference) -> float:
+    """Largest |logit difference| of the graph's prefill vs PyTorch over all reference prompts."""
     worst = 0.0
-    agreeing = []
-    for ids, reference in zip(prompts, references, strict=True):
+    for ids, expected in zip(reference.prompts, reference.logits, strict=True):
         ids_np = np.asarray([ids], dtype=np.int64)
         logits, _ = runner.step(ids_np, np.ones_like(ids_np), runner.empty_past(1))
-        expected = model(input_ids=torch.tensor([ids])).logits.numpy()
         worst = max(worst, float(np.abs(logits.astype(np.float32) - expected).max()))
-        agreeing.append(first_divergence(runner.generate(ids, max_new_tokens=steps), reference))
+    return worst
+
+
+def reduced_parity(folder: Path, reference: Reference, steps: int) -> dict[str, Any]:
+    """How close a reduced-precision graph stays to PyTorch fp32: logits and greedy agreement per prompt."""
+    runner = OnnxCausalLM(folder, provider="CPU")
+    agreeing = [
+        first_divergence(runner.generate(ids, max_new_tokens=steps), greedy)
+        for ids, greedy in zip(reference.prompts, reference.greedy, strict=True)
+    ]
+    worst = max_logit_diff(runner, reference)
     return {"max_abs_logit_diff": worst, "greedy_steps_agreeing": agreeing, "of": steps, "min": min(agreeing)}
