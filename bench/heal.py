@@ -8,12 +8,15 @@ Modes: ``lrc-kd`` (the default of ``--heal``: factor pairs only, distilled from 
 fine-tuning baseline). Each mode starts from the same checkpoint, trains to the largest step
 count and is evaluated on the way (wiki and news eval splits, 4,096 tokens each, never trained
 on); training time excludes evaluation. Peak RSS is the process's during training (reset before
-each mode). Prints a table and writes ``bench/results/heal.json``.
+each mode). Prints a table and writes ``bench/results/heal.json``, one entry per checkpoint: a
+run replaces the rows of the modes it ran and keeps the others, so a long grid can be measured
+in pieces (every run re-evaluates the unhealed model; it is deterministic).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -98,43 +101,54 @@ def main() -> None:
                     }
                 )
         del student
-    table = []
+    settings = {"teacher": args.teacher, "lr": args.lr, "batch": args.batch, "seq_len": args.seq_len}
+    settings["eval_tokens"] = args.eval_tokens
+    name = Path(args.checkpoint).name
+    runs = load_runs(args.out)
+    previous = runs.get(name, {})
+    if previous.get("settings") == settings:  # keep the modes this run did not measure
+        rows = [r for r in previous["rows"] if r["mode"] not in {"unhealed", *args.modes}] + rows
+    rows.sort(key=lambda r: (r["mode"] != "unhealed", r["mode"], r["steps"]))
     for row in rows:
-        gaps = [
-            (unhealed[t] - row["ppl"][t]) / (unhealed[t] - dense[t]) if unhealed[t] != dense[t] else 0.0
+        row["gap_closed"] = {
+            t: (unhealed[t] - row["ppl"][t]) / (unhealed[t] - dense[t]) if unhealed[t] != dense[t] else 0.0
             for t in EVAL_TEXTS
-        ]
-        row["gap_closed"] = dict(zip(EVAL_TEXTS, gaps, strict=True))
-        table.append(
-            [
-                row["mode"],
-                row["steps"],
-                fmt_float(row["ppl"]["wiki"]),
-                fmt_float(row["ppl"]["news"]),
-                f"{gaps[0]:.0%} / {gaps[1]:.0%}",
-                fmt_float(row.get("train_seconds_total"), 0),
-                fmt_float(row.get("tokens_per_second"), 1),
-                fmt_count(row.get("trainable_params")),
-                fmt_bytes(row.get("peak_rss")),
-            ]
-        )
-    print(f"dense: ppl wiki {dense['wiki']:.2f}, news {dense['news']:.2f}")
-    headers = ["mode", "steps", "ppl wiki", "ppl news", "gap closed w/n", "train s (all steps)", "tok/s"]
-    print(format_table([*headers, "trainable", "peak RSS"], table))
-    write_result(
-        args.out,
-        {
-            "bench": "heal",
-            "checkpoint": Path(args.checkpoint).name,
-            "teacher": args.teacher,
-            "lr": args.lr,
-            "batch": args.batch,
-            "seq_len": args.seq_len,
-            "eval_tokens": args.eval_tokens,
-            "dense_ppl": dense,
-            "rows": rows,
-        },
-    )
+        }
+    runs[name] = {"settings": settings, "dense_ppl": dense, "rows": rows}
+    print(f"{name}; dense: ppl wiki {dense['wiki']:.2f}, news {dense['news']:.2f}")
+    print(format_table(HEADERS, [table_row(row) for row in rows]))
+    write_result(args.out, {"bench": "heal", "runs": runs})
+
+
+HEADERS = ["mode", "steps", "ppl wiki", "ppl news", "gap closed w/n", "train s (all steps)", "tok/s"]
+HEADERS += ["trainable", "peak RSS"]
+
+
+def table_row(row: dict[str, Any]) -> list[Any]:
+    gaps = row["gap_closed"]
+    return [
+        row["mode"],
+        row["steps"],
+        fmt_float(row["ppl"]["wiki"]),
+        fmt_float(row["ppl"]["news"]),
+        f"{gaps['wiki']:.0%} / {gaps['news']:.0%}",
+        fmt_float(row.get("train_seconds_total"), 0),
+        fmt_float(row.get("tokens_per_second"), 1),
+        fmt_count(row.get("trainable_params")),
+        fmt_bytes(row.get("peak_rss")),
+    ]
+
+
+def load_runs(path: Path) -> dict[str, Any]:
+    """Earlier runs by checkpoint name; a file in the first, single-checkpoint layout is converted."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if "runs" in data:
+        return data["runs"]
+    keys = ("teacher", "lr", "batch", "seq_len", "eval_tokens")
+    settings = {k: data[k] for k in keys}
+    return {data["checkpoint"]: {"settings": settings, "dense_ppl": data["dense_ppl"], "rows": data["rows"]}}
 
 
 if __name__ == "__main__":

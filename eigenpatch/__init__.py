@@ -14,8 +14,9 @@
 from eigenpatch import recipe
 from eigenpatch.checkpoint import EigenpatchConfig, load, register_with_transformers, save
 from eigenpatch.modules import LowRankLinear
-from eigenpatch.patchers import SVD, Heal, LowRank
+from eigenpatch.patchers import SVD, Heal, LowRank, StructuredFFN
 from eigenpatch.recipe import TransformConfig, patch, register_transform
+from eigenpatch.structured import set_premerge
 
 register_with_transformers()
 
@@ -26,6 +27,7 @@ __all__ = [
     "Heal",
     "LowRank",
     "LowRankLinear",
+    "StructuredFFN",
     "TransformConfig",
     "load",
     "patch",
@@ -33,4 +35,5 @@ __all__ = [
     "register_transform",
     "register_with_transformers",
     "save",
+    "set_premerge",
 ]

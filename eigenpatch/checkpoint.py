@@ -30,13 +30,20 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
 from eigenpatch.modules import LowRankLinear
+from eigenpatch.structured import (
+    STRUCTURED_KINDS,
+    StructuredLinear,
+    module_from_spec,
+    premerge_enabled_by_env,
+    set_premerge,
+)
 
 QUANT_METHOD = "eigenpatch"
 FORMAT_VERSION = 1
 #: Written next to the weights: parameter counts, bytes, timings of the run that made the folder.
 REPORT_FILE = "eigenpatch_report.json"
 #: Layer kinds this version of the format knows how to rebuild.
-LAYER_KINDS = ("lowrank",)
+LAYER_KINDS = ("lowrank", *STRUCTURED_KINDS)
 
 
 class EigenpatchConfig(QuantizationConfigMixin):
@@ -79,8 +86,12 @@ class EigenpatchConfig(QuantizationConfigMixin):
         }
 
 
-def lowrank_spec(module: LowRankLinear) -> dict[str, Any]:
-    """The ``layers`` entry that rebuilds ``module``'s shapes."""
+def layer_spec(module: nn.Module) -> dict[str, Any] | None:
+    """The ``layers`` entry that rebuilds ``module``'s shapes (None: not a module the format stores)."""
+    if isinstance(module, StructuredLinear):
+        return module.spec()
+    if not isinstance(module, LowRankLinear):
+        return None
     return {
         "kind": "lowrank",
         "rank": module.rank,
@@ -96,7 +107,8 @@ def build_patched_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -
     Parameters are created on the device and dtype of the Linear they replace (``meta`` while
     transformers builds the skeleton), so this is also how a checkpoint's shapes are restored.
     """
-    for name, spec in layers.items():
+    # Owners of shared factors first: their partners look them up when they are built.
+    for name, spec in sorted(layers.items(), key=lambda item: item[1].get("down_from") is not None):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child, None)
@@ -107,14 +119,11 @@ def build_patched_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -
                 f"{name}: checkpoint says {spec['in_features']}->{spec['out_features']}, "
                 f"model has {old.in_features}->{old.out_features}"
             )
-        new = LowRankLinear(
-            spec["in_features"],
-            spec["out_features"],
-            spec["rank"],
-            bias=spec["bias"],
-            device=old.weight.device,
-            dtype=old.weight.dtype,
-        )
+        kw = {"device": old.weight.device, "dtype": old.weight.dtype}
+        if spec["kind"] == "lowrank":
+            new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], **kw)
+        else:
+            new = module_from_spec(spec, model, kw)
         setattr(parent, child, new)
 
 
@@ -126,6 +135,10 @@ class EigenpatchHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         build_patched_modules(model, self.quantization_config.layers)
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        if premerge_enabled_by_env():
+            set_premerge(model)  # merged dense copies of structured layers, for few-token calls
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         return False  # weights are stored already factorized; nothing to convert at load time
@@ -152,7 +165,7 @@ def attach_format(model: PreTrainedModel, recipe: list[dict[str, Any]], base_mod
     The model also gets the same ``hf_quantizer`` it would have after ``from_pretrained``, so an
     in-memory patched model and a reloaded one behave alike (saving, ``is_quantized``).
     """
-    layers = {name: lowrank_spec(m) for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    layers = {name: spec for name, m in model.named_modules() if (spec := layer_spec(m)) is not None}
     previous = getattr(model.config, "quantization_config", None)
     if previous is not None:
         prev = previous if isinstance(previous, dict) else previous.to_dict()

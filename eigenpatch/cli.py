@@ -27,6 +27,7 @@ examples:
   patch-model --compress 0.4 --method welore+whiten --calib my_corpus.txt --eval
   patch-model --compress 0.5 --method svd          # data-free baseline (fast, and much worse)
   patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable if interrupted)
+  patch-model --structured-ffn blockdense --ffn-ratio 0.3   # structured feed-forward blocks, pre-merged for decode
   python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
 """
 
@@ -78,7 +79,10 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
         "model", nargs="?", default=DEFAULT_MODEL, help=f"HF folder, zoo name ({zoo}) or hub id (default: %(default)s)"
     )
     p.add_argument(
-        "--compress", type=_ratio, required=True, metavar="R", help="fraction of targeted Linear params to remove"
+        "--compress",
+        type=_ratio,
+        metavar="R",
+        help="fraction of targeted Linear params to remove (low-rank factor pairs)",
     )
     p.add_argument(
         "--method",
@@ -103,7 +107,30 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (%(default)s)")
     from eigenpatch.patchers.heal import Heal
+    from eigenpatch.patchers.structured_ffn import STRUCTURES, StructuredFFN
 
+    f = p.add_argument_group("structured feed-forward blocks (instead of, or with, --compress on attention)")
+    f.add_argument(
+        "--structured-ffn",
+        choices=STRUCTURES,
+        help="lowrank: gate/up share one input factor; blockdense / blockshuffle: block-diagonal stages",
+    )
+    f.add_argument(
+        "--ffn-ratio",
+        type=_ratio,
+        default=StructuredFFN.ratio,
+        metavar="R",
+        help="fraction of FFN params to remove (%(default)s)",
+    )
+    f.add_argument(
+        "--ffn-blocks", type=int, default=StructuredFFN.blocks, help="blocks of the block kinds (%(default)s)"
+    )
+    f.add_argument(
+        "--premerge",
+        default="auto",
+        help="auto: measure here when the merged dense matrix is faster (few tokens) and store it; "
+        "off: never merge (no dense copy in memory); always; or a token count (%(default)s)",
+    )
     h = p.add_argument_group("healing (train only the factor pairs after compression)")
     h.add_argument("--heal", type=int, default=0, metavar="STEPS", help="healing steps (default 0: none)")
     h.add_argument("--heal-loss", choices=["kd", "lm"], default="kd", help="kd: distil the original model (default)")
@@ -115,9 +142,13 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     _add_eval_args(p)
 
 
-def _default_output(model_ref: str, method: str, ratio: float, heal: int = 0) -> Path:
-    name = f"{Path(model_ref).name or 'model'}-{method.replace('+', '-')}-c{ratio:g}"
-    return Path("patched") / (f"{name}-heal{heal}" if heal else name)
+def _default_output(args: argparse.Namespace) -> Path:
+    name = Path(args.model).name or "model"
+    if args.structured_ffn:
+        name += f"-ffn-{args.structured_ffn}-f{args.ffn_ratio:g}"
+    if args.compress is not None:
+        name += f"-{args.method.replace('+', '-')}-c{args.compress:g}"
+    return Path("patched") / (f"{name}-heal{args.heal}" if args.heal else name)
 
 
 def build_heal(args: argparse.Namespace) -> Any:
@@ -137,12 +168,45 @@ def build_heal(args: argparse.Namespace) -> Any:
     )
 
 
+def build_structured_ffn(args: argparse.Namespace) -> Any:
+    """The ``structured_ffn`` config of ``--structured-ffn`` and its flags, or None."""
+    if not args.structured_ffn:
+        return None
+    from eigenpatch.patchers import StructuredFFN
+
+    return StructuredFFN(
+        structure=args.structured_ffn,
+        ratio=args.ffn_ratio,
+        blocks=args.ffn_blocks,
+        calib_seq_len=args.calib_seq_len,
+        seed=args.seed,
+        premerge=args.premerge,
+    )
+
+
+def _compression_targets(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--targets``; with ``--structured-ffn`` the FFN Linears are already taken."""
+    from eigenpatch.patchers.targets import DEFAULT_TARGETS
+
+    if not args.structured_ffn:
+        return tuple(args.targets)
+    ffn = {"gate_proj", "up_proj", "down_proj"}
+    if list(args.targets) == list(DEFAULT_TARGETS):
+        return tuple(t for t in args.targets if t not in ffn)
+    taken = sorted(ffn & set(args.targets))
+    if taken:
+        raise UsageError(f"--structured-ffn already replaces {', '.join(taken)}; drop them from --targets")
+    return tuple(args.targets)
+
+
 def build_compression(args: argparse.Namespace) -> Any:
-    """The transform config ``--method`` / ``--compress`` / calibration flags describe."""
+    """The transform config ``--method`` / ``--compress`` / calibration flags describe (None without --compress)."""
     from eigenpatch.patchers import SVD, LowRank, parse_method
 
+    if args.compress is None:
+        return None
     parts = parse_method(args.method)
-    common = {"ratio": args.compress, "targets": tuple(args.targets)}
+    common = {"ratio": args.compress, "targets": _compression_targets(args)}
     if args.method == "svd":
         return SVD(**common)
     return LowRank(
@@ -161,11 +225,12 @@ def run_patch(args: argparse.Namespace) -> int:
     from eigenpatch.hf_io import load_model, parse_dtype
     from eigenpatch.zoo import resolve_text
 
-    config = build_compression(args)
+    if args.compress is None and not args.structured_ffn:
+        raise UsageError("nothing to do: give --compress R and/or --structured-ffn KIND")
     heal = build_heal(args)
-    recipe = [config] if heal is None else [config, heal]
+    recipe = [c for c in (build_structured_ffn(args), build_compression(args), heal) if c is not None]
     needs_data = any(c.needs_data for c in recipe)
-    output = Path(args.output) if args.output else _default_output(args.model, args.method, args.compress, args.heal)
+    output = Path(args.output) if args.output else _default_output(args)
     if output.exists() and not args.force:
         raise UsageError(f"output {output} already exists; choose another -o/--output or pass --force to replace it")
     calib_text = resolve_text(args.calib, split="calib") if needs_data else None
@@ -175,7 +240,7 @@ def run_patch(args: argparse.Namespace) -> int:
     if folder.resolve() == output.resolve():
         raise UsageError("output folder is the input folder; eigenpatch never modifies its input — pick another -o")
     if needs_data and tokenizer is None:
-        raise UsageError(f"--method {args.method} / --heal need text, but the model folder has no tokenizer")
+        raise UsageError("calibration (--method, --structured-ffn, --heal) needs text, but the model has no tokenizer")
     evals: dict[str, Any] = {}
     ids = _eval_ids(args, tokenizer) if args.eval else None
     if ids is not None:
@@ -206,6 +271,12 @@ def _step_label(step: dict[str, Any]) -> str:
     return f"{step['allocator']}+{step['factorizer']}" if "allocator" in step else step["transform"]
 
 
+def _premerge_words(threshold: int | None) -> str:
+    if threshold is None:
+        return "always merged"
+    return "never merged" if threshold == 0 else f"merged up to {threshold} tokens"
+
+
 def summarize_patch(report: dict[str, Any], out: Path) -> str:
     from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
 
@@ -218,6 +289,10 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
         if tb is None:
             continue
         rows.append([f"targeted Linears ({_step_label(step)})", fmt_count(tb), fmt_count(ta), ratio(tb, ta)])
+    for step in report["steps"]:
+        if step["transform"] == "structured_ffn":
+            fb, fa = step["ffn_params_before"], step["ffn_params_after"]
+            rows.append([f"FFN matrices ({step['structure']})", fmt_count(fb), fmt_count(fa), ratio(fb, fa)])
     mb, ma = report["model_params_before"], report["model_params_after"]
     rows.append(["whole model params", fmt_count(mb), fmt_count(ma), ratio(mb, ma)])
     bb, ba = report.get("input_weights_bytes"), report.get("weights_bytes")
@@ -238,6 +313,14 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
                 f"heal: {step['steps']} steps ({step['loss']}), {step['trainable_params']:,} trainable params, "
                 f"loss {step['loss_first']:.3f} -> {step['loss_last']:.3f}, {step['tokens_per_second']:.0f} tok/s, "
                 f"{step['seconds']} s{resumed}"
+            )
+        if step["transform"] == "structured_ffn":
+            thresholds = ", ".join(
+                f"{label}: {_premerge_words(v['premerge_max_tokens'])}"
+                for label, v in step["premerge_thresholds"].items()
+            )
+            lines.append(
+                f"structured_ffn: {step['ffn_blocks']} FFN blocks, {step['seconds']} s; pre-merge {thresholds}"
             )
         if "factorized" in step:
             lines.append(

@@ -39,6 +39,7 @@ from eigenpatch.calibration import calibration_windows
 from eigenpatch.errors import UsageError
 from eigenpatch.modules import LowRankLinear
 from eigenpatch.recipe import PatchContext, TransformConfig, TransformResult, register_transform
+from eigenpatch.structured import StructuredLinear, set_premerge
 
 LOSSES = ("kd", "lm")
 STATE_FILE, META_FILE = "heal_state.safetensors", "heal_state.json"
@@ -88,7 +89,7 @@ def trainable_parameters(model: nn.Module, which: str = "factors") -> dict[str, 
     return {
         f"{mod_name}.{p_name}": p
         for mod_name, module in model.named_modules()
-        if isinstance(module, LowRankLinear)
+        if isinstance(module, LowRankLinear | StructuredLinear)
         for p_name, p in module.named_parameters(recurse=False)
         if p_name != "bias"
     }
@@ -167,6 +168,7 @@ def apply_heal(model: nn.Module, config: Heal, context: PatchContext) -> Transfo
     params = trainable_parameters(model, config.trainable)
     if not params:
         raise UsageError("heal found no factor pairs to train: put a compression step before it in the recipe")
+    set_premerge(model, enabled=False)  # merged copies of structured layers would go stale while training
     total = config.steps * config.grad_accum * config.batch_size
     windows = calibration_windows(context.tokenizer, context.calib_text, total, config.seq_len + 1, config.seed)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))

@@ -36,6 +36,8 @@ BAD_INPUTS = {
     "ratio not a number": (["{tiny}", "--compress", "half"], None, "not a number"),
     "unsupported module names": (["{tiny}", "--targets", "c_attn"], None, "c_attn not in this model"),
     "unknown method": (["{tiny}", "--method", "magic"], None, "unknown --method"),
+    "FFN taken twice": (["{tiny}", "--structured-ffn", "lowrank", "--targets", "up_proj"], None, "already replaces"),
+    "unknown FFN structure": (["{tiny}", "--structured-ffn", "monarch"], None, "invalid choice"),
     "corrupt safetensors": (["{copy}"], _corrupt, "corrupt safetensors"),
     "NaN weights": (["{copy}"], _nan_weights, "NaN"),
 }
