@@ -6,7 +6,8 @@ Three structures (StructuredFFN, arXiv 2406.16450; see ``docs/FORMAT.md`` for te
   the same input, so they share one input factor ``V [r, in]``: ``gate = U_g V x``, ``up = U_u V x``.
   The owner (``gate_proj``) stores ``lowrank_down`` and its ``lowrank_up``; the user (``up_proj``)
   stores only its ``lowrank_up`` and names the owner in ``down_from``. In vLLM this is exactly the
-  fused ``gate_up_proj`` as one factor pair.
+  fused ``gate_up_proj`` as one factor pair. ``down_proj`` of the same FFN is an owner without a
+  partner (a plain factor pair that takes part in the pre-merge policy).
 - **BlockDense** (``kind = "blockdense"``): ``y = U (V_b x)`` with ``V_b`` block-diagonal
   (``block_down [B, R/B, in/B]``) and ``U`` dense (``block_up [out, R]``): ``R (out + in/B)`` parameters.
 - **BlockShuffle** (``kind = "blockshuffle"``, Monarch-style): two block-diagonal stages with a
@@ -30,6 +31,8 @@ where memory, not latency, is the constraint.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -141,7 +144,10 @@ class SharedLowRankLinear(StructuredLinear):
         self.down_from = down_from
         # The owner is referenced, not registered: its down factor must be saved once, under its name.
         self._owner = [owner] if owner is not None else []
-        if owner is None:
+        self._has_partner = False  # only an owner with a partner keeps its projection for reuse
+        if owner is not None:
+            owner._has_partner = True
+        else:
             self.lowrank_down = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.lowrank_up = nn.Parameter(torch.empty(out_features, rank, **kw))
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -158,7 +164,8 @@ class SharedLowRankLinear(StructuredLinear):
                 return memo[1]
             return F.linear(x, self.down)
         h = F.linear(x, self.lowrank_down)
-        self._memo = (x, h)
+        if self._has_partner:
+            self._memo = (x, h)
         return h
 
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,3 +305,17 @@ def set_premerge(model: nn.Module, enabled: bool = True, max_tokens: int | str |
         else:
             module.merged = None
     return count
+
+
+@contextmanager
+def structured_form(model: nn.Module) -> Iterator[None]:
+    """Run every structured Linear in its structured form inside the block (graph export: one form,
+    no Python-side branch on the token count), then put the merged copies back."""
+    saved = [(m, m.merged) for m in model.modules() if isinstance(m, StructuredLinear)]
+    for m, _ in saved:
+        m.merged = None
+    try:
+        yield
+    finally:
+        for m, merged in saved:
+            m.merged = merged

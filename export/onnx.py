@@ -38,6 +38,7 @@ from eigenpatch.export.precision import (
 )
 from eigenpatch.export.runtime import META_FILE, MODEL_FILE, OnnxCausalLM
 from eigenpatch.export.tensorrt import TensorRTFailed, build_engine, tensorrt_unavailable
+from eigenpatch.structured import structured_form
 
 #: fp32 parity bound on logits (issue: <= 1e-3; ~1e-4 is typical for a 135M model).
 LOGITS_ATOL = 1e-3
@@ -103,7 +104,7 @@ def trace(
         "past": tuple({0: dyn, 2: dyn} for _ in past_names),
     }
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its per-step chatter is not for users
-    with torch.no_grad():
+    with torch.no_grad(), structured_form(model):  # structured layers export their small form
         program = torch.onnx.export(
             KVCacheDecoder(model).eval(),
             example,

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from eigenpatch.calibration import DEFAULT_SEED, DEFAULT_SEQ_LEN, calibration_windows, collect_input_covariances
 from eigenpatch.errors import UsageError
-from eigenpatch.modules import LowRankLinear
 from eigenpatch.patchers.premerge import measure_crossover
 from eigenpatch.patchers.structured_init import (
     blockdense_rank,
@@ -120,9 +119,12 @@ def _structure_one(
     """The structured replacement of one matrix (the gate/up pair is handled by the caller)."""
     keep, out_f, in_f = 1.0 - config.ratio, lin.out_features, lin.in_features
     w, b = lin.weight, lin.bias
-    if config.structure == "lowrank":
+    if config.structure == "lowrank":  # down_proj: a factor pair of its own (no partner), pre-merge capable
         rank = lowrank_rank(keep, in_f, out_f)
-        return LowRankLinear.from_factors(*init_lowrank(w, rank, cov), b), {"rank": rank}
+        module = SharedLowRankLinear(in_f, out_f, rank, bias=b is not None, dtype=w.dtype)
+        up, down = init_lowrank(w, rank, cov)
+        _copy(module, [("lowrank_down", down), ("lowrank_up", up)], b)
+        return module, {"rank": rank}
     if config.structure == "blockdense":
         rank = blockdense_rank(keep, in_f, out_f, config.blocks)
         module = BlockDenseLinear(in_f, out_f, rank, config.blocks, bias=b is not None, dtype=w.dtype)
@@ -209,6 +211,7 @@ def apply_structured_ffn(model: nn.Module, config: StructuredFFN, context: Patch
             ranks[f"{prefix}.{config.gate}+{config.up}"] = rank
             new_down, info = _structure_one(names[2], down, covs[names[2]], config)
             replace_module(model, names[2], new_down)
+            groups.append([new_down])
             ranks[names[2]] = info["rank"]
         else:
             for name, lin in zip(names, (gate, up, down), strict=True):

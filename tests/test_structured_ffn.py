@@ -263,3 +263,32 @@ def test_patch_model_needs_something_to_do(tiny_dir, tmp_path, capsys):
 
     assert patch_model_main([str(tiny_dir), "-o", str(tmp_path / "x"), "-q"]) == EXIT_USAGE
     assert "nothing to do" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "blockdense", "blockshuffle"])
+def test_structured_checkpoint_exports_to_onnx_with_parity(structure, tiny_tokenizer, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from eigenpatch.export.onnx import export_onnx
+    from eigenpatch.export.runtime import MODEL_FILE, OnnxCausalLM
+
+    model = make_tiny("llama")
+    config = StructuredFFN(structure=structure, ratio=0.3, calib_windows=4, calib_seq_len=64, premerge=2)
+    eigenpatch.patch(model, config, tokenizer=tiny_tokenizer, calib_text=TEXT, show_progress=False)
+    eigenpatch.save(model, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
+    loaded = eigenpatch.load(tmp_path / "ckpt")  # merged copies built: export must still trace the structure
+    assert any(isinstance(m, StructuredLinear) and m.merged is not None for m in loaded.modules())
+    meta = export_onnx(loaded, tmp_path / "onnx", tokenizer=tiny_tokenizer)
+    assert meta["parity"]["max_abs_logit_diff"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "onnx" / MODEL_FILE), load_external_data=False).graph
+    names = {i.name for i in graph.initializer}
+    assert not any("merged" in n for n in names)  # the graph carries the small form only
+    if structure == "lowrank":  # the shared input factor is applied once per layer, not twice
+        matmuls = sum(n.op_type == "MatMul" for n in graph.node)
+        # per layer: q, k, v, o, two attention products, FFN 1 shared + 2 up + 2 down; then the head
+        assert matmuls == loaded.config.num_hidden_layers * (4 + 2 + 5) + 1
+    ids = tiny_tokenizer("The fire spread towards the town", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # transformers decodes through the merged form (1 token <= 2), prefill structured
+        reference = loaded.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+    assert OnnxCausalLM(tmp_path / "onnx").generate(ids, max_new_tokens=16) == reference.tolist()
