@@ -213,7 +213,12 @@ class BlockDenseLinear(StructuredLinear):
 
 
 class BlockShuffleLinear(StructuredLinear):
-    """Monarch-style: block-diagonal in, shuffle, block-diagonal out; every dense ``(i, j)`` block is rank ``s``."""
+    """Monarch-style: block-diagonal in, shuffle, block-diagonal out; every dense ``(i, j)`` block is rank ``s``.
+
+    Checkpoints are square (``blocks`` input and output blocks); ``out_blocks`` may differ so a
+    tensor-parallel rank can hold a slice of the blocks (vLLM: its output blocks for a column
+    layer, its input blocks for a row layer) and run the same code.
+    """
 
     kind = "blockshuffle"
 
@@ -224,25 +229,29 @@ class BlockShuffleLinear(StructuredLinear):
         block_rank: int,
         blocks: int,
         bias: bool = False,
+        out_blocks: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         kw = {"device": device, "dtype": dtype}
         super().__init__(in_features, out_features, bias, kw)
-        if in_features % blocks or out_features % blocks:
-            raise ValueError(f"blockshuffle needs in and out ({in_features}, {out_features}) divisible by {blocks}")
-        self.block_rank, self.blocks = block_rank, blocks
-        b, s = blocks, block_rank
-        self.shuffle_in = nn.Parameter(torch.empty(b, b, s, in_features // b, **kw))
-        self.shuffle_out = nn.Parameter(torch.empty(b, out_features // b, b, s, **kw))
+        out_blocks = blocks if out_blocks is None else out_blocks
+        if in_features % blocks or out_features % out_blocks:
+            raise ValueError(
+                f"blockshuffle needs in ({in_features}) % {blocks} == out ({out_features}) % {out_blocks} == 0"
+            )
+        self.block_rank, self.blocks, self.out_blocks = block_rank, blocks, out_blocks
+        bi, bo, s = blocks, out_blocks, block_rank
+        self.shuffle_in = nn.Parameter(torch.empty(bi, bo, s, in_features // bi, **kw))
+        self.shuffle_out = nn.Parameter(torch.empty(bo, out_features // bo, bi, s, **kw))
 
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s = self.blocks, self.block_rank
+        bi, bo, s = self.blocks, self.out_blocks, self.block_rank
         lead = x.shape[:-1]
-        xb = x.reshape(-1, b, self.in_features // b).transpose(0, 1)  # [j, T, n]
-        h = torch.bmm(xb, self.shuffle_in.reshape(b, b * s, -1).transpose(1, 2))  # [j, T, (i, s)]
-        h = h.reshape(b, -1, b, s).permute(2, 1, 0, 3).reshape(b, -1, b * s)  # shuffle -> [i, T, (j, s)]
-        y = torch.bmm(h, self.shuffle_out.reshape(b, -1, b * s).transpose(1, 2))  # [i, T, out/B]
+        xb = x.reshape(-1, bi, self.in_features // bi).transpose(0, 1)  # [j, T, n]
+        h = torch.bmm(xb, self.shuffle_in.reshape(bi, bo * s, -1).transpose(1, 2))  # [j, T, (i, s)]
+        h = h.reshape(bi, -1, bo, s).permute(2, 1, 0, 3).reshape(bo, -1, bi * s)  # shuffle -> [i, T, (j, s)]
+        y = torch.bmm(h, self.shuffle_out.reshape(bo, -1, bi * s).transpose(1, 2))  # [i, T, out/B]
         y = y.transpose(0, 1).reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -11,6 +11,8 @@ checks that the shards recombine to the unsharded layer for TP = 2 and 4, GQA in
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def column_shard_rows(full_rows: int, local_rows: int, tp_rank: int, replicas: int = 1) -> tuple[int, int]:
     """(start, length) of the output rows of one shard that live on ``tp_rank``.
@@ -30,3 +32,61 @@ def row_shard_columns(full_cols: int, local_cols: int, tp_rank: int) -> tuple[in
     if start + local_cols > full_cols:
         raise ValueError(f"TP rank {tp_rank} needs columns {start}:{start + local_cols} of {full_cols}")
     return start, local_cols
+
+
+# -- block-structured FFN layers (blockdense, blockshuffle): tensor parallelism by blocks -------
+# A rank holds whole blocks, never a part of one, so TP must divide the number of blocks.
+#   column slot (gate/up): the input stage is replicated; the output rows a rank computes are
+#     whole output blocks (blockshuffle) or rows of the dense output stage (blockdense);
+#   row slot (down_proj): a rank holds the input blocks of its input columns and the output-stage
+#     columns that read their latents; partial outputs sum in the layer's all-reduce.
+
+
+def check_blocks(blocks: int, tp_size: int, name: str) -> None:
+    if blocks % tp_size:
+        raise ValueError(f"eigenpatch: {name} has {blocks} blocks, not divisible by tensor parallel size {tp_size}")
+
+
+def local_block_shapes(spec: dict[str, Any], column: bool, tp_size: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one rank's tensors (checkpoint names) for a blockdense / blockshuffle spec."""
+    b, i, o = spec["blocks"], spec["in_features"], spec["out_features"]
+    if spec["kind"] == "blockdense":
+        k = spec["rank"] // b
+        if column:
+            return {"block_down": (b, k, i // b), "block_up": (o // tp_size, spec["rank"])}
+        return {"block_down": (b // tp_size, k, i // b), "block_up": (o, spec["rank"] // tp_size)}
+    s = spec["block_rank"]
+    if column:
+        return {"shuffle_in": (b, b // tp_size, s, i // b), "shuffle_out": (b // tp_size, o // b, b, s)}
+    return {"shuffle_in": (b // tp_size, b, s, i // b), "shuffle_out": (b, o // b, b // tp_size, s)}
+
+
+def slice_block_tensor(kind: str, pname: str, tensor: Any, column: bool, tp_rank: int, tp_size: int) -> Any:
+    """This rank's part of a full checkpoint tensor (see :func:`local_block_shapes`)."""
+    axis = {
+        ("blockdense", "block_down", True): None,
+        ("blockdense", "block_up", True): 0,
+        ("blockdense", "block_down", False): 0,
+        ("blockdense", "block_up", False): 1,
+        ("blockshuffle", "shuffle_in", True): 1,
+        ("blockshuffle", "shuffle_out", True): 0,
+        ("blockshuffle", "shuffle_in", False): 0,
+        ("blockshuffle", "shuffle_out", False): 2,
+    }[(kind, pname, column)]
+    return tensor if axis is None else tensor.chunk(tp_size, axis)[tp_rank]
+
+
+def local_block_module(spec: dict[str, Any], column: bool, tp_size: int, dtype: Any = None) -> Any:
+    """An empty structured module with one rank's shapes: the same forward code runs the slice."""
+    from eigenpatch.structured import BlockDenseLinear, BlockShuffleLinear
+
+    b, i, o = spec["blocks"], spec["in_features"], spec["out_features"]
+    check_blocks(b, tp_size, f"a {spec['kind']} layer")
+    if spec["kind"] == "blockdense":
+        if column:
+            return BlockDenseLinear(i, o // tp_size, spec["rank"], b, dtype=dtype)
+        return BlockDenseLinear(i // tp_size, o, spec["rank"] // tp_size, b // tp_size, dtype=dtype)
+    s = spec["block_rank"]
+    if column:
+        return BlockShuffleLinear(i, o // tp_size, s, b, out_blocks=b // tp_size, dtype=dtype)
+    return BlockShuffleLinear(i // tp_size, o, s, b // tp_size, out_blocks=b, dtype=dtype)

@@ -51,6 +51,9 @@ from eigenpatch.modules import DOWN_NAME, UP_NAME
 from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns
 
 FORMAT_VERSION = 1
+FACTOR_KINDS = ("lowrank", "lowrank_shared")
+BLOCK_KINDS = ("blockdense", "blockshuffle")
+SERVED_KINDS = FACTOR_KINDS + BLOCK_KINDS
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
@@ -83,9 +86,11 @@ class Shard:
 class LowRankLinearMethod(LinearMethodBase):
     """Factor pairs (and dense shards) for one vLLM Linear; see the module docstring for layouts."""
 
-    def __init__(self, shard_names: list[str], ranks: list[int | None]) -> None:
+    def __init__(self, shard_names: list[str], ranks: list[int | None], shares: list[int | None] | None = None) -> None:
         self.shard_names = shard_names
         self.ranks = ranks
+        #: shares[i] = j: shard i reads shard j's latent (``lowrank_shared``: gate and up, one input factor)
+        self.shares = shares or [None] * len(ranks)
 
     def create_weights(
         self,
@@ -135,11 +140,13 @@ class LowRankLinearMethod(LinearMethodBase):
             shard_replicas = kv_replicas if i > 0 else 1  # k and v of a QKV layer may be replicated
             full = rows * (layer.tp_size // shard_replicas if column_parallel else 1)
             starts.append(column_shard_rows(full, rows, tp_rank, shard_replicas)[0])
-            shards.append(Shard(name, rank, rows, latent, up, dense))
+            owner = self.shares[i]
+            shard_latent = latent if owner is None else shards[owner].latent_offset
+            shards.append(Shard(name, rank, rows, shard_latent, up, dense))
             if rank is None:
                 dense += rows
             else:
-                latent += rank
+                latent += rank if owner is None else 0  # a shared input factor is stored (and run) once
                 up += rows * rank
         layer.eigenpatch_shards = tuple(shards)
         params = {DOWN_NAME: (latent, in_size), UP_NAME: (up,), "weight": (dense, in_size)}
@@ -186,9 +193,11 @@ class LowRankLinearMethod(LinearMethodBase):
             if hasattr(layer, "weight"):
                 gemms["dense"] = Gemm(layer.weight)
             up = getattr(layer, UP_NAME, None)
-            for i, s in enumerate(shards):
-                if s.rank is not None:
-                    gemms[f"up{i}"] = Gemm(up[s.up_offset : s.up_offset + s.rows * s.rank].view(s.rows, s.rank))
+            layer.eigenpatch_segments = _segments(shards)
+            for i, (kind, start, length, rows) in enumerate(layer.eigenpatch_segments):
+                if kind == "lowrank":  # consecutive shards reading one latent (gate + up) expand in one GEMM
+                    offset = next(s.up_offset for s in shards if s.rank is not None and s.latent_offset == start)
+                    gemms[f"up{i}"] = Gemm(up[offset : offset + rows * length].view(rows, length))
         layer.eigenpatch_gemms = gemms
         for name in (DOWN_NAME, UP_NAME, "weight"):
             if hasattr(layer, name):
@@ -197,20 +206,34 @@ class LowRankLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         gemms = layer.eigenpatch_gemms
-        shards = layer.eigenpatch_shards
-        if shards is None:  # row-parallel: this rank's partial sum; the layer all-reduces it
+        if layer.eigenpatch_shards is None:  # row-parallel: this rank's partial sum; the layer all-reduces it
             y = gemms["up"](gemms["down"](x))
             return y if bias is None else y + bias
         latent = gemms["down"](x) if "down" in gemms else None
         dense = gemms["dense"](x) if "dense" in gemms else None
         outputs = []
-        for i, s in enumerate(shards):  # static Python over a fixed layout: traced once by torch.compile
-            if s.rank is None:
-                outputs.append(dense[..., s.dense_offset : s.dense_offset + s.rows])
+        for i, (kind, start, length, _) in enumerate(layer.eigenpatch_segments):  # fixed layout: traced once
+            if kind == "dense":
+                outputs.append(dense[..., start : start + length])
             else:
-                outputs.append(gemms[f"up{i}"](latent[..., s.latent_offset : s.latent_offset + s.rank]))
+                outputs.append(gemms[f"up{i}"](latent[..., start : start + length]))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
+
+
+def _segments(shards: tuple[Shard, ...]) -> tuple[tuple[str, int, int, int], ...]:
+    """``(kind, start, length, rows)`` runs of the output: dense rows (``start``/``length`` in the
+    dense GEMM's output) or a low-rank expansion (``start``/``length``: the latent slice it reads,
+    ``rows``: outputs), merging consecutive low-rank shards that read the same latent slice."""
+    segments: list[list[Any]] = []
+    for s in shards:
+        if s.rank is None:
+            segments.append(["dense", s.dense_offset, s.rows, s.rows])
+        elif segments and segments[-1][0] == "lowrank" and segments[-1][1:3] == [s.latent_offset, s.rank]:
+            segments[-1][3] += s.rows
+        else:
+            segments.append(["lowrank", s.latent_offset, s.rank, s.rows])
+    return tuple(tuple(seg) for seg in segments)
 
 
 class Gemm(nn.Module):
@@ -234,7 +257,7 @@ class EigenpatchVllmConfig(QuantizationConfig):
 
     def __init__(self, layers: dict[str, dict[str, Any]]) -> None:
         super().__init__()
-        unknown = sorted({spec.get("kind") for spec in layers.values()} - {"lowrank"})
+        unknown = sorted({spec.get("kind") for spec in layers.values()} - set(SERVED_KINDS))
         if unknown:
             raise ValueError(f"eigenpatch: this vLLM plugin cannot serve layer kind(s) {unknown}; upgrade eigenpatch")
         self.layers = layers
@@ -276,7 +299,18 @@ class EigenpatchVllmConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, attention: vLLM's defaults
         names = self.shard_names(prefix)
-        ranks = [self.layers[n]["rank"] if n in self.layers else None for n in names]
-        if all(r is None for r in ranks):
+        specs = [self.layers.get(n) for n in names]
+        if all(spec is None for spec in specs):
             return UnquantizedLinearMethod()
-        return LowRankLinearMethod(names, ranks)
+        kinds = {spec["kind"] if spec else "dense" for spec in specs}
+        if kinds <= set(BLOCK_KINDS):
+            from eigenpatch.serving.vllm_structured import BlockLinearMethod
+
+            return BlockLinearMethod(names, specs)
+        if not kinds <= {"dense", *FACTOR_KINDS}:
+            raise ValueError(f"eigenpatch: {prefix} fuses {sorted(kinds)} layers; vLLM cannot run them as one layer")
+        if any(spec and spec.get("down_from") and spec["down_from"] not in names for spec in specs):
+            raise ValueError(f"eigenpatch: {prefix} reads an input factor owned by a Linear outside it")
+        ranks = [spec["rank"] if spec else None for spec in specs]
+        shares = [names.index(spec["down_from"]) if spec and spec.get("down_from") else None for spec in specs]
+        return LowRankLinearMethod(names, ranks, shares)

@@ -182,6 +182,31 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_
     assert served == _hf_greedy(out, ids, len(served))
 
 
+@pytest.mark.parametrize(("structure", "tp"), [("lowrank", 1), ("blockdense", 1), ("blockshuffle", 2)])
+def test_structured_ffn_serves_the_same_greedy_tokens(structure, tp, tmp_path_factory, tiny_tokenizer):
+    """Structured FFNs in vLLM: ``lowrank`` runs gate+up as one fused layer with one shared input
+    factor; the block kinds run their batched matmuls, with TP = 2 splitting by blocks (gate/up
+    by output blocks, down_proj by input blocks + all-reduce). transformers decodes through the
+    merged dense form (premerge 4 tokens), vLLM through the structure: the tokens must agree."""
+    from eigenpatch.patchers import StructuredFFN
+
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    eigenpatch.patch(model, StructuredFFN(structure=structure, whiten=False, premerge=4), show_progress=False)
+    out = tmp_path_factory.mktemp("serve-sffn") / f"tiny-{structure}-tp{tp}"
+    eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
+    server = Server(out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", str(tp))
+    try:
+        prompts = ["The fire spread towards the town", "Police said the man"]
+        replies = [server.complete(prompt, max_tokens=16) for prompt in prompts]
+    finally:
+        server.stop()
+    for prompt, reply in zip(prompts, replies, strict=True):
+        served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert served == _hf_greedy(out, ids, len(served)), prompt
+
+
 def test_serve_refuses_a_folder_without_config(tmp_path, capsys):
     from eigenpatch.cli import main
     from eigenpatch.errors import EXIT_USAGE

@@ -54,3 +54,38 @@ def test_cpu_thread_binding_gives_each_tp_worker_its_own_cores():
     assert tensor_parallel_size(["--dtype", "float32", "--tensor-parallel-size", "2"]) == 2
     assert tensor_parallel_size(["-tp", "4"]) == 4 and tensor_parallel_size(["--tensor-parallel-size=2"]) == 2
     assert tensor_parallel_size([]) == 1
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("kind", ["blockdense", "blockshuffle"])
+def test_block_structured_shards_recombine_for_column_and_row_slots(kind, tp):
+    from eigenpatch.serving.sharding import local_block_module, local_block_shapes, slice_block_tensor
+    from eigenpatch.structured import BlockDenseLinear, BlockShuffleLinear
+
+    torch.manual_seed(tp)
+    full = BlockDenseLinear(64, 96, 32, 4) if kind == "blockdense" else BlockShuffleLinear(64, 96, 3, 4)
+    for p in full.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = full(x)
+        for column in (True, False):
+            outputs = []
+            for rank in range(tp):
+                local = local_block_module(full.spec(), column, tp)
+                shapes = local_block_shapes(full.spec(), column, tp)
+                for pname, param in local.named_parameters():
+                    piece = slice_block_tensor(kind, pname, getattr(full, pname), column, rank, tp)
+                    assert tuple(piece.shape) == shapes[pname] == tuple(param.shape)
+                    param.copy_(piece)
+                xin = x if column else x.chunk(tp, -1)[rank]
+                outputs.append(local(xin))
+            got = torch.cat(outputs, -1) if column else sum(outputs)  # column: concat; row: all-reduce
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_not_divisible_by_tp_are_refused():
+    from eigenpatch.serving.sharding import local_block_module
+
+    with pytest.raises(ValueError, match="not divisible by tensor parallel size 4"):
+        local_block_module({"kind": "blockdense", "blocks": 2, "in_features": 8, "out_features": 8, "rank": 4}, True, 4)
