@@ -36,9 +36,11 @@ from torch import nn
 import eigenpatch
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.hf_io import load_model
-from eigenpatch.patchers import StructuredFFN
+from eigenpatch.patchers import Heal, StructuredFFN
+from eigenpatch.patchers.heal import apply_heal
 from eigenpatch.patchers.premerge import crossover, measure_crossover
 from eigenpatch.patchers.structured_init import blockdense_rank, blockshuffle_rank, lowrank_rank, shared_rank
+from eigenpatch.recipe import PatchContext
 from eigenpatch.structured import BlockDenseLinear, BlockShuffleLinear, SharedLowRankLinear, set_premerge
 from eigenpatch.table import fmt_float, format_table
 from eigenpatch.zoo import resolve_text
@@ -172,8 +174,9 @@ def speed(shape_name: str, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def quality(ratio: float, calib_windows: int, eval_tokens: int) -> dict[str, Any]:
-    """Perplexity of SmolLM2 with each structure at ``ratio`` fewer FFN parameters (and dense)."""
+def quality(ratio: float, calib_windows: int, eval_tokens: int, heal_steps: int) -> dict[str, Any]:
+    """Perplexity of SmolLM2 with each structure at ``ratio`` fewer FFN parameters (and dense), before
+    and after ``heal_steps`` of distillation from the dense model into the structured tensors."""
     model, tokenizer, _ = load_model("smollm2-135m")
     ids = {t: tokenize(tokenizer, resolve_text(t, split="eval"), eval_tokens) for t in ("wiki", "news")}
     calib = resolve_text("wiki", split="calib")
@@ -189,6 +192,12 @@ def quality(ratio: float, calib_windows: int, eval_tokens: int) -> dict[str, Any
         out[structure].update(
             ffn_keep=step["ffn_params_after"] / step["ffn_params_before"], seconds=round(time.perf_counter() - start, 1)
         )
+        if heal_steps:
+            context = PatchContext(tokenizer=tokenizer, calib_text=calib, teacher=model)
+            start = time.perf_counter()
+            apply_heal(student, Heal(steps=heal_steps), context)
+            healed = {t: perplexity(student, x, show_progress=False).ppl for t, x in ids.items()}
+            out[structure]["healed"] = {**healed, "steps": heal_steps, "seconds": round(time.perf_counter() - start, 1)}
         print(f"{structure}: {out[structure]}", flush=True)
         del student
     return out
@@ -207,6 +216,7 @@ def main() -> None:
     parser.add_argument("--ffn-ratio", type=float, default=0.3)
     parser.add_argument("--calib-windows", type=int, default=StructuredFFN.calib_windows)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--heal-steps", type=int, default=100, help="distillation steps after init (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS / "structured_ffn.json")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -250,3 +250,36 @@ def test_compressed_smollm2_serves_like_transformers(smollm2_dir, tmp_path):
             first = torch.log_softmax(reloaded(torch.tensor([ids])).logits[0, -1].double(), -1)[served[0]]
         assert served == expected[0, len(ids) :].tolist(), prompt
         assert logprobs["token_logprobs"][0] == pytest.approx(first.item(), abs=1e-3), prompt
+
+
+@pytest.mark.slow
+def test_structured_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(smollm2_dir, tmp_path):
+    """Issue acceptance (structured FFNs): a SmolLM2 checkpoint with low-rank FFNs (gate/up sharing
+    one input factor, 30 % fewer FFN parameters) gives the same greedy tokens for the 5 fixed
+    prompts (32 tokens, fp32) in transformers (pre-merged decode), vLLM and ONNX Runtime."""
+    from eigenpatch.export.onnx import PROMPTS, export_onnx
+    from eigenpatch.export.runtime import OnnxCausalLM
+    from eigenpatch.hf_io import load_model
+    from eigenpatch.patchers import StructuredFFN
+    from eigenpatch.zoo import resolve_text
+
+    model, tokenizer, _ = load_model(smollm2_dir)
+    config = StructuredFFN(structure="lowrank", ratio=0.3, calib_windows=8, calib_seq_len=256, premerge=16)
+    calib = resolve_text("wiki", split="calib")
+    eigenpatch.patch(model, config, tokenizer=tokenizer, calib_text=calib, show_progress=False)
+    out = eigenpatch.save(model, tmp_path / "smollm2-ffn-lowrank", tokenizer=tokenizer)
+    server = Server(out, "--dtype", "float32", "--max-model-len", "1024")
+    try:
+        replies = [server.complete(prompt, max_tokens=32) for prompt in PROMPTS]
+    finally:
+        server.stop()
+    reloaded = eigenpatch.load(out).eval()
+    export_onnx(reloaded, tmp_path / "onnx", tokenizer=tokenizer)  # verifies logits against PyTorch itself
+    runner = OnnxCausalLM(tmp_path / "onnx")
+    for prompt, reply in zip(PROMPTS, replies, strict=True):
+        served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            expected = reloaded.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :]
+        assert served == expected.tolist()[: len(served)], prompt
+        assert runner.generate(ids, max_new_tokens=32) == expected.tolist(), prompt
