@@ -21,9 +21,11 @@ Prints tables and writes ``bench/results/structured_ffn.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,15 +87,21 @@ def build_ffn(structure: str, hidden: int, inter: int) -> SwiGLU:
     return _randomize(SwiGLU(make(hidden, inter), make(hidden, inter), make(inter, hidden))).requires_grad_(False)
 
 
-def median_seconds(fn, arg: Any, repeats: int, min_seconds: float = 0.2) -> float:
-    """Median of at least ``repeats`` calls ``fn(arg)`` (more, up to 100, until ``min_seconds`` passed)."""
-    fn(arg)
-    times, start = [], time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 100):
-        t = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int, min_seconds: float = 0.3) -> dict[str, float]:
+    """Median seconds per call of each function, called round-robin (one call each per round) so
+    that drift of a shared, noisy machine hits every variant alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    began = time.perf_counter()
+    done = 0
+    while done < rounds or (time.perf_counter() - began < min_seconds and done < 100):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        done += 1
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def onnx_session(module: nn.Module, hidden: int, folder: Path, name: str) -> Any:
@@ -117,7 +125,7 @@ def onnx_session(module: nn.Module, hidden: int, folder: Path, name: str) -> Any
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def speed(shape_name: str, repeats: int) -> list[dict[str, Any]]:
+def speed(shape_name: str, rounds: int) -> list[dict[str, Any]]:
     hidden, inter = SHAPES[shape_name]
     dense = build_ffn("dense", hidden, inter)
     dense_params = sum(p.numel() for p in dense.parameters())
@@ -135,8 +143,8 @@ def speed(shape_name: str, repeats: int) -> list[dict[str, Any]]:
                 else [[merged.gate_proj], [merged.up_proj]]
             )
             thresholds = []
-            for group in [*pairs, [merged.down_proj]]:  # what patch-model stores, measured the same way
-                threshold, _ = measure_crossover(group)
+            for group in [*pairs, [merged.down_proj]]:  # what patch-model stores, on the bench's token grid
+                threshold, _ = measure_crossover(group, grid=TOKENS, rounds=rounds)
                 for m in group:
                     m.premerge_max_tokens = threshold
                 thresholds.append(threshold)
@@ -144,27 +152,24 @@ def speed(shape_name: str, repeats: int) -> list[dict[str, Any]]:
             ort_timings: dict[int, tuple[float, float]] = {}
             for tokens in TOKENS:
                 x = torch.randn(tokens, hidden)
-                xn = x.numpy()
+                feed = {"x": x.numpy()}
                 with torch.no_grad():
-                    t = {
-                        name: median_seconds(m, x, repeats)
-                        for name, m in (("dense", dense), ("structured", ffn), ("premerged", merged))
-                    }
-                o_dense = median_seconds(partial(dense_ort.run, None), {"x": xn}, repeats)
-                o_struct = median_seconds(partial(ort_structured.run, None), {"x": xn}, repeats)
-                ort_timings[tokens] = (o_dense, o_struct)
+                    t = interleaved_medians(
+                        {
+                            "dense": partial(dense, x),
+                            "structured": partial(ffn, x),
+                            "premerged": partial(merged, x),
+                            "ort_dense": partial(dense_ort.run, None, feed),
+                            "ort_structured": partial(ort_structured.run, None, feed),
+                        },
+                        rounds,
+                    )
+                ort_timings[tokens] = (t.pop("ort_dense"), t.pop("ort_structured"))
                 rows.append(
-                    {
-                        "shape": shape_name,
-                        "structure": structure,
-                        "tokens": tokens,
-                        "dense_params": dense_params,
-                        "ffn_params": sum(p.numel() for p in ffn.parameters()),
-                        "torch_thresholds": thresholds,
-                        "torch": t,
-                        "ort": {"dense": o_dense, "structured": o_struct},
-                    }
-                )
+                    {"shape": shape_name, "structure": structure, "tokens": tokens, "dense_params": dense_params,
+                     "ffn_params": sum(p.numel() for p in ffn.parameters()), "torch_thresholds": thresholds,
+                     "torch": t, "ort": {"dense": ort_timings[tokens][0], "structured": ort_timings[tokens][1]}}
+                )  # fmt: skip
             ort_threshold = crossover(ort_timings)
             for row in rows[-len(TOKENS) :]:
                 use_dense = ort_threshold is None or row["tokens"] <= ort_threshold
@@ -210,7 +215,7 @@ def _ratio(a: float, b: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per token count")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--ffn-ratio", type=float, default=0.3)
@@ -220,14 +225,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "structured_ffn.json")
     args = parser.parse_args()
     torch.manual_seed(0)
+    # a run with --skip-speed / --skip-ppl keeps the other part of an earlier result
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     result: dict[str, Any] = {
+        k: previous[k] for k in ("speed", "worst_premerged_vs_best", "perplexity") if k in previous
+    }
+    result |= {
         "bench": "structured_ffn",
         "keep": KEEP,
         "blocks": BLOCKS,
         "torch_threads": torch.get_num_threads(),
     }
     if not args.skip_speed:
-        rows = [row for shape in args.shapes for row in speed(shape, args.repeats)]
+        rows = [row for shape in args.shapes for row in speed(shape, args.rounds)]
         table = []
         for r in rows:
             best = min(r["torch"]["dense"], r["torch"]["structured"])
@@ -264,16 +274,14 @@ def main() -> None:
         result["worst_premerged_vs_best"] = {k: max(r["premerged_vs_best"][k] for r in rows) for k in ("torch", "ort")}
         print(f"pre-merged, worst case vs the better form: {result['worst_premerged_vs_best']}")
     if not args.skip_ppl:
-        q = quality(args.ffn_ratio, args.calib_windows, args.eval_tokens)
-        print(
-            format_table(
-                ["model", "FFN params kept", "ppl wiki", "ppl news"],
-                [
-                    [k, fmt_float(v.get("ffn_keep", 1.0), 3), fmt_float(v["wiki"]), fmt_float(v["news"])]
-                    for k, v in q.items()
-                ],
-            )
-        )
+        q = quality(args.ffn_ratio, args.calib_windows, args.eval_tokens, args.heal_steps)
+        table = []
+        for k, v in q.items():
+            healed = v.get("healed", {})
+            row = [k, fmt_float(v.get("ffn_keep", 1.0), 3), fmt_float(v["wiki"]), fmt_float(v["news"])]
+            table.append([*row, fmt_float(healed.get("wiki")), fmt_float(healed.get("news"))])
+        heal = f"+{args.heal_steps} KD steps"
+        print(format_table(["model", "FFN params kept", "ppl wiki", "ppl news", f"wiki {heal}", f"news {heal}"], table))
         result["perplexity"] = {"ffn_ratio": args.ffn_ratio, "calib_windows": args.calib_windows, **q}
     write_result(args.out, result)
 

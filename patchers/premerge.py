@@ -22,38 +22,36 @@ TOKEN_GRID: tuple[int, ...] = tuple(2**k for k in range(12))  # 1 ... 2048
 MARGIN = 0.03
 
 
-def _time(fn, repeats: int, min_seconds: float) -> float:
-    fn()  # warm-up: packing, allocator
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
-
-
 @torch.no_grad()
-def time_group(
-    group: Sequence[StructuredLinear], tokens: int, merged: bool, repeats: int = 5, min_seconds: float = 0.02
-) -> float:
-    """Median seconds of calling every module of ``group`` on one ``[tokens, in]`` input (as the MLP does)."""
+def time_modes(
+    group: Sequence[StructuredLinear], tokens: int, rounds: int = 7, min_seconds: float = 0.05
+) -> tuple[float, float]:
+    """Median seconds of one call of every module of ``group`` (as the MLP calls them) on one
+    ``[tokens, in]`` input, merged and structured, *alternating* the two forms round by round so
+    that the machine's drift (shared cores, frequency changes) hits both alike."""
     first = group[0]
     x = torch.randn(tokens, first.in_features, dtype=first._dtype())
     saved = [(m.merged, m.premerge_max_tokens) for m in group]
     try:
         for m in group:
-            if merged and m.merged is None:
+            if m.merged is None:
                 m.build_merged()
-            m.premerge_max_tokens = ALWAYS_MERGED if merged else 0
 
-        def call() -> None:
+        def call(merged: bool) -> float:
+            for m in group:
+                m.premerge_max_tokens = ALWAYS_MERGED if merged else 0
+            start = time.perf_counter()
             for m in group:
                 m(x)
+            return time.perf_counter() - start
 
-        return _time(call, repeats, min_seconds)
+        call(True), call(False)  # warm-up: packing, allocator
+        times: tuple[list[float], list[float]] = ([], [])
+        began = time.perf_counter()
+        while len(times[0]) < rounds or (time.perf_counter() - began < min_seconds and len(times[0]) < 200):
+            times[0].append(call(True))
+            times[1].append(call(False))
+        return statistics.median(times[0]), statistics.median(times[1])
     finally:
         for m, (w, t) in zip(group, saved, strict=True):
             m.merged, m.premerge_max_tokens = w, t
@@ -72,8 +70,8 @@ def crossover(timings: dict[int, tuple[float, float]], margin: float = MARGIN) -
 
 
 def measure_crossover(
-    group: Sequence[StructuredLinear], grid: Sequence[int] = TOKEN_GRID
+    group: Sequence[StructuredLinear], grid: Sequence[int] = TOKEN_GRID, rounds: int = 7
 ) -> tuple[int | None, dict[int, tuple[float, float]]]:
     """The threshold for ``group`` and the timings it came from (interleaved merged/structured)."""
-    timings = {t: (time_group(group, t, merged=True), time_group(group, t, merged=False)) for t in grid}
+    timings = {t: time_modes(group, t, rounds) for t in grid}
     return crossover(timings), timings
