@@ -74,10 +74,6 @@ class StructuredLinear(nn.Module):
         finally:
             self.bias = bias
 
-    def structured_params(self) -> int:
-        """Parameters of the structured form (excluding the bias), for budgets and reports."""
-        return sum(p.numel() for n, p in self.named_parameters(recurse=False) if n != "bias")
-
     # -- pre-merge -------------------------------------------------------------------------
     def build_merged(self) -> None:
         with torch.no_grad():

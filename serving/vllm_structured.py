@@ -21,10 +21,7 @@ from torch.nn import Parameter
 from vllm.model_executor.layers.linear import ColumnParallelLinear, LinearMethodBase, RowParallelLinear
 
 from eigenpatch.serving.sharding import local_block_module, slice_block_tensor
-
-
-def _shard_index(shard_id: Any) -> int:
-    return 0 if shard_id is None else int(shard_id)
+from eigenpatch.serving.vllm_method import _shard_index
 
 
 class BlockLinearMethod(LinearMethodBase):

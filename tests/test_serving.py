@@ -110,6 +110,11 @@ def tiny_server(request, tmp_path_factory, tiny_tokenizer):
     server.stop()
 
 
+def _served_tokens(reply: dict) -> list[int]:
+    """Token ids of a completion requested with ``return_tokens_as_token_ids``."""
+    return [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+
+
 def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
     model = eigenpatch.load(model_dir).eval()
     with torch.no_grad():
@@ -125,7 +130,7 @@ def test_served_tiny_checkpoint_generates_the_same_greedy_tokens_as_transformers
         assert kinds == {"q_proj", "v_proj", "up_proj", "o_proj"}  # mixed shards really are in the checkpoint
     for prompt in ("The fire spread towards the town", "Police said the man"):
         reply = server.complete(prompt, max_tokens=16)
-        served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        served = _served_tokens(reply)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert served == _hf_greedy(out, ids, len(served))
 
@@ -177,7 +182,7 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_
         reply = server.complete(prompt, max_tokens=16)
     finally:
         server.stop()
-    served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+    served = _served_tokens(reply)
     ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert served == _hf_greedy(out, ids, len(served))
 
@@ -202,7 +207,7 @@ def test_structured_ffn_serves_the_same_greedy_tokens(structure, tp, tmp_path_fa
     finally:
         server.stop()
     for prompt, reply in zip(prompts, replies, strict=True):
-        served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        served = _served_tokens(reply)
         ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert served == _hf_greedy(out, ids, len(served)), prompt
 
@@ -277,7 +282,7 @@ def test_structured_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(sm
     export_onnx(reloaded, tmp_path / "onnx", tokenizer=tokenizer)  # verifies logits against PyTorch itself
     runner = OnnxCausalLM(tmp_path / "onnx")
     for prompt, reply in zip(PROMPTS, replies, strict=True):
-        served = [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        served = _served_tokens(reply)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             expected = reloaded.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :]
