@@ -9,7 +9,8 @@ Speed: one whole SwiGLU block ``down(silu(gate x) * up x)`` per call, for token 
 (``lowrank``: gate/up share their input factor; ``blockdense``; ``blockshuffle``, 4 blocks) run
 structured; and the same structure *pre-merged*: the threshold measured by
 ``eigenpatch.patchers.premerge`` on this machine picks the merged dense matrix for small calls.
-Medians of interleaved repeats; quote the ratios. ONNX Runtime: the structured and the dense
+Medians of interleaved repeats, each call with cold caches (as inside a model, where the other
+layers' weights pass through the cache in between); quote the ratios. ONNX Runtime: the structured and the dense
 block exported separately; "pre-merged" there picks the faster graph with ORT's own measured
 threshold (same rule).
 
@@ -40,7 +41,7 @@ from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import Heal, StructuredFFN
 from eigenpatch.patchers.heal import apply_heal
-from eigenpatch.patchers.premerge import crossover, measure_crossover
+from eigenpatch.patchers.premerge import crossover, flush_cache, measure_crossover
 from eigenpatch.patchers.structured_init import blockdense_rank, blockshuffle_rank, lowrank_rank, shared_rank
 from eigenpatch.recipe import PatchContext
 from eigenpatch.structured import BlockDenseLinear, BlockShuffleLinear, SharedLowRankLinear, set_premerge
@@ -87,16 +88,18 @@ def build_ffn(structure: str, hidden: int, inter: int) -> SwiGLU:
     return _randomize(SwiGLU(make(hidden, inter), make(hidden, inter), make(inter, hidden))).requires_grad_(False)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int, min_seconds: float = 0.3) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int, min_seconds: float = 1.0) -> dict[str, float]:
     """Median seconds per call of each function, called round-robin (one call each per round) so
-    that drift of a shared, noisy machine hits every variant alike."""
+    that drift of a shared, noisy machine hits every variant alike; every call starts with cold
+    caches, as an FFN block does inside a model (the other layers' weights pass in between)."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
     began = time.perf_counter()
     done = 0
-    while done < rounds or (time.perf_counter() - began < min_seconds and done < 100):
+    while done < rounds or (time.perf_counter() - began < min_seconds and done < 200):
         for name, fn in fns.items():
+            flush_cache()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -217,7 +220,7 @@ def _ratio(a: float, b: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per token count")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per token count")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--ffn-ratio", type=float, default=0.3)
@@ -240,6 +243,7 @@ def main() -> None:
     }
     if not args.skip_speed:
         rows = [row for shape in args.shapes for row in speed(shape, args.rounds)]
+        rows += [r for r in result.get("speed", []) if r["shape"] not in args.shapes]  # shapes not re-run
         table = []
         for r in rows:
             best = min(r["torch"]["dense"], r["torch"]["structured"])

@@ -14,7 +14,7 @@
 from eigenpatch import recipe
 from eigenpatch.checkpoint import EigenpatchConfig, load, register_with_transformers, save
 from eigenpatch.modules import LowRankLinear
-from eigenpatch.patchers import SVD, Heal, LowRank, StructuredFFN
+from eigenpatch.patchers import SVD, EigenShield, Heal, LowRank, StructuredFFN
 from eigenpatch.recipe import TransformConfig, patch, register_transform
 from eigenpatch.structured import set_premerge
 
@@ -23,6 +23,7 @@ register_with_transformers()
 __version__ = "0.1.0"
 __all__ = [
     "SVD",
+    "EigenShield",
     "EigenpatchConfig",
     "Heal",
     "LowRank",

@@ -29,6 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
+from eigenpatch.interventions import INTERVENTION_KINDS, build_interventions, intervention_specs
 from eigenpatch.modules import LowRankLinear
 from eigenpatch.structured import (
     STRUCTURED_KINDS,
@@ -51,7 +52,9 @@ class EigenpatchConfig(QuantizationConfigMixin):
 
     ``layers`` maps a module name (HF naming) to ``{"kind": "lowrank", "rank", "in_features",
     "out_features", "bias"}``; ``recipe`` is the list of transform configs that made the
-    checkpoint (for provenance and re-running); ``base_model`` names the unpatched source.
+    checkpoint (for provenance and re-running); ``base_model`` names the unpatched source;
+    ``interventions`` maps a module attached to a decoder layer (``model.layers.5.project_out``)
+    to the spec of a hidden-state intervention (:mod:`eigenpatch.interventions`).
     """
 
     def __init__(
@@ -60,11 +63,13 @@ class EigenpatchConfig(QuantizationConfigMixin):
         recipe: list[dict[str, Any]] | None = None,
         base_model: str | None = None,
         version: int = FORMAT_VERSION,
+        interventions: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
         self.version = version
         self.layers = dict(layers or {})
+        self.interventions = dict(interventions or {})
         self.recipe = list(recipe or [])
         self.base_model = base_model
         if version > FORMAT_VERSION:
@@ -75,6 +80,11 @@ class EigenpatchConfig(QuantizationConfigMixin):
         for name, spec in self.layers.items():
             if spec.get("kind") not in LAYER_KINDS:
                 raise ValueError(f"layer {name!r} has unknown kind {spec.get('kind')!r}; known: {LAYER_KINDS}")
+        for name, spec in self.interventions.items():
+            if spec.get("kind") not in INTERVENTION_KINDS:
+                raise ValueError(
+                    f"intervention {name!r} has unknown kind {spec.get('kind')!r}; known: {tuple(INTERVENTION_KINDS)}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +93,7 @@ class EigenpatchConfig(QuantizationConfigMixin):
             "base_model": self.base_model,
             "recipe": self.recipe,
             "layers": self.layers,
+            "interventions": self.interventions,
         }
 
 
@@ -135,6 +146,7 @@ class EigenpatchHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         build_patched_modules(model, self.quantization_config.layers)
+        build_interventions(model, self.quantization_config.interventions)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         if premerge_enabled_by_env():
@@ -175,7 +187,9 @@ def attach_format(model: PreTrainedModel, recipe: list[dict[str, Any]], base_mod
             )
         recipe = list(prev.get("recipe", [])) + list(recipe)
         base_model = prev.get("base_model") or base_model
-    qconfig = EigenpatchConfig(layers=layers, recipe=recipe, base_model=base_model)
+    qconfig = EigenpatchConfig(
+        layers=layers, recipe=recipe, base_model=base_model, interventions=intervention_specs(model)
+    )
     model.config.quantization_config = qconfig
     model.hf_quantizer = EigenpatchHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True

@@ -138,6 +138,9 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--heal-batch", type=int, default=Heal.batch_size, help="windows per step (%(default)s)")
     h.add_argument("--heal-seq-len", type=int, default=Heal.seq_len, help="tokens per window (%(default)s)")
     h.add_argument("--heal-grad-accum", type=int, default=Heal.grad_accum, help="micro-batches per step (%(default)s)")
+    from eigenpatch.cli_shield import add_shield_args
+
+    add_shield_args(p)
     _add_model_args(p)
     _add_eval_args(p)
 
@@ -148,6 +151,8 @@ def _default_output(args: argparse.Namespace) -> Path:
         name += f"-ffn-{args.structured_ffn}-f{args.ffn_ratio:g}"
     if args.compress is not None:
         name += f"-{args.method.replace('+', '-')}-c{args.compress:g}"
+    if getattr(args, "shield", None):
+        name += f"-shield-{args.shield.replace(':', '')}"
     return Path("patched") / (f"{name}-heal{args.heal}" if args.heal else name)
 
 
@@ -222,13 +227,15 @@ def build_compression(args: argparse.Namespace) -> Any:
 def run_patch(args: argparse.Namespace) -> int:
     import eigenpatch
     from eigenpatch.checkpoint import weights_bytes
+    from eigenpatch.cli_shield import build_shield
     from eigenpatch.hf_io import load_model, parse_dtype
     from eigenpatch.zoo import resolve_text
 
-    if args.compress is None and not args.structured_ffn:
-        raise UsageError("nothing to do: give --compress R and/or --structured-ffn KIND")
+    if args.compress is None and not args.structured_ffn and not args.shield:
+        raise UsageError("nothing to do: give --compress R, --structured-ffn KIND and/or --shield SITE")
     heal = build_heal(args)
-    recipe = [c for c in (build_structured_ffn(args), build_compression(args), heal) if c is not None]
+    stages = (build_structured_ffn(args), build_compression(args), heal, build_shield(args))
+    recipe = [c for c in stages if c is not None]
     needs_data = any(c.needs_data for c in recipe)
     output = Path(args.output) if args.output else _default_output(args)
     if output.exists() and not args.force:
@@ -240,7 +247,9 @@ def run_patch(args: argparse.Namespace) -> int:
     if folder.resolve() == output.resolve():
         raise UsageError("output folder is the input folder; eigenpatch never modifies its input — pick another -o")
     if needs_data and tokenizer is None:
-        raise UsageError("calibration (--method, --structured-ffn, --heal) needs text, but the model has no tokenizer")
+        raise UsageError(
+            "calibration (--method, --structured-ffn, --heal, --shield) needs text, but the model has no tokenizer"
+        )
     evals: dict[str, Any] = {}
     ids = _eval_ids(args, tokenizer) if args.eval else None
     if ids is not None:
@@ -307,6 +316,10 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
         format_table(["", "before", "after", "after/before"], rows),
     ]
     for step in report["steps"]:
+        if step["transform"] == "eigenshield":
+            from eigenpatch.cli_shield import shield_summary
+
+            lines.append(shield_summary(step))
         if step["transform"] == "heal":
             resumed = f", resumed at step {step['resumed_from_step']}" if step["resumed_from_step"] else ""
             lines.append(
@@ -389,7 +402,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     from eigenpatch.spectra import collect_spectra, plot_spectra
     from eigenpatch.table import format_table
 
-    model, _, folder = load_model(args.model, parse_dtype(args.dtype), args.trust_remote_code)
+    model, tokenizer, folder = load_model(args.model, parse_dtype(args.dtype), args.trust_remote_code)
+    if args.shield_spectrum:
+        from eigenpatch.cli_shield import run_shield_spectrum
+
+        return run_shield_spectrum(args, model, tokenizer, folder)
     spectra = collect_spectra(model, args.compress, tuple(args.targets), args.allocator, show_progress=not args.quiet)
     rows = [
         [s.name, f"{s.shape[1]}->{s.shape[0]}", s.break_even, s.rank or "dense", f"{s.energy_kept:.3f}"]
@@ -431,6 +448,13 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME")
     i.add_argument("--allocator", default="uniform", choices=["uniform", "welore"], help="data-free rank allocator")
     i.add_argument("--plot", metavar="FILE.png", help="draw the normalized spectra with the chosen ranks")
+    i.add_argument(
+        "--shield-spectrum",
+        metavar="SITE",
+        help="instead: EigenShield's eigenvalue spectrum of the hidden states at SITE (embed, layer:L), "
+        "with the fitted Marchenko-Pastur bulk and the causal spikes",
+    )
+    i.add_argument("--calib", default="wiki", help="calibration text for --shield-spectrum (%(default)s)")
     _add_model_args(i)
     i.set_defaults(run=run_inspect)
     from eigenpatch.cli_export import add_export_commands

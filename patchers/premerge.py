@@ -2,29 +2,56 @@
 
 The answer depends on the machine (cores, GEMM library, cache sizes) and on the shapes, so it is
 measured, not assumed: for token counts ``1, 2, 4, ... 2048`` both forms of a layer group are
-timed on random inputs (median of repeats, interleaved so drift hits both alike). The stored
-``premerge_max_tokens`` is the largest count below the point from which the structured form stays
-faster; ``None`` if it never wins on the grid (always run merged), ``0`` if it always wins.
+timed on random inputs (median of repeats, interleaved so drift hits both alike), each call
+with a cold cache, as in a real forward where every other layer's weights pass through the cache
+in between (a small layer timed alone would otherwise run from cache and favour the merged form).
+
+The stored ``premerge_max_tokens`` ``T`` (merged for calls of at most ``T`` tokens) is the one
+whose worst slowdown over the grid, against the faster form at each count, is smallest; among
+choices within ``MARGIN`` of that, the one that merges least (``0``, i.e. no dense copy in memory,
+first). ``None`` means always merged.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from eigenpatch.structured import ALWAYS_MERGED, StructuredLinear
 
 TOKEN_GRID: tuple[int, ...] = tuple(2**k for k in range(12))  # 1 ... 2048
-#: The structured form must be this much faster before a threshold moves (noise guard).
+#: Thresholds whose worst slowdown is within this of the best one count as ties (noise guard).
 MARGIN = 0.03
+
+
+@functools.lru_cache(maxsize=1)
+def _flush_buffer() -> torch.Tensor:
+    """Twice the last-level cache (64 MiB when sysfs does not say)."""
+    size = 32 << 20
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"), reverse=True):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        break
+    return torch.zeros(2 * size // 4, dtype=torch.float32)
+
+
+def flush_cache() -> None:
+    """Evict the CPU caches (read and write a buffer of twice the LLC): the next call starts cold."""
+    _flush_buffer().add_(1.0)
 
 
 @torch.no_grad()
 def time_modes(
-    group: Sequence[StructuredLinear], tokens: int, rounds: int = 7, min_seconds: float = 0.05
+    group: Sequence[StructuredLinear], tokens: int, rounds: int = 15, min_seconds: float = 0.3
 ) -> tuple[float, float]:
     """Median seconds of one call of every module of ``group`` (as the MLP calls them) on one
     ``[tokens, in]`` input, merged and structured, *alternating* the two forms round by round so
@@ -40,6 +67,7 @@ def time_modes(
         def call(merged: bool) -> float:
             for m in group:
                 m.premerge_max_tokens = ALWAYS_MERGED if merged else 0
+            flush_cache()
             start = time.perf_counter()
             for m in group:
                 m(x)
@@ -58,19 +86,25 @@ def time_modes(
 
 
 def crossover(timings: dict[int, tuple[float, float]], margin: float = MARGIN) -> int | None:
-    """``premerge_max_tokens`` from ``{tokens: (merged_s, structured_s)}``."""
+    """``premerge_max_tokens`` from ``{tokens: (merged_s, structured_s)}`` (module docstring's rule).
+
+    Minimax rather than "where structured starts to win": on some runtimes the winner flips more
+    than once along the grid, and one threshold must then choose which loss is smaller.
+    """
     grid = sorted(timings)
-    wins = [timings[t][1] * (1 + margin) < timings[t][0] for t in grid]
-    if not wins[-1]:
-        return ALWAYS_MERGED
-    first = len(wins)
-    while first > 0 and wins[first - 1]:
-        first -= 1
-    return 0 if first == 0 else grid[first - 1]
+
+    def worst(threshold: int | None) -> float:
+        chosen = [timings[t][0 if threshold is None or t <= threshold else 1] for t in grid]
+        return max(c / min(timings[t]) for c, t in zip(chosen, grid, strict=True))
+
+    candidates = [0, *grid[:-1], ALWAYS_MERGED]  # grid[-1] as a threshold is "always merged" on the grid
+    regrets = [worst(t) for t in candidates]
+    best = min(regrets)
+    return next(t for t, r in zip(candidates, regrets, strict=True) if r <= best * (1 + margin))
 
 
 def measure_crossover(
-    group: Sequence[StructuredLinear], grid: Sequence[int] = TOKEN_GRID, rounds: int = 7
+    group: Sequence[StructuredLinear], grid: Sequence[int] = TOKEN_GRID, rounds: int = 15
 ) -> tuple[int | None, dict[int, tuple[float, float]]]:
     """The threshold for ``group`` and the timings it came from (interleaved merged/structured)."""
     timings = {t: time_modes(group, t, rounds) for t in grid}

@@ -2,7 +2,8 @@
 
 vLLM runs general plugins in each of its processes (API server, engine core, workers), possibly
 several times; ``register`` is idempotent and cheap: it imports the method module (which imports
-only vLLM's Python layer classes, no device init) and registers it under ``"eigenpatch"``.
+only vLLM's Python layer classes, no device init) and registers it under ``"eigenpatch"``, and
+wraps the model loader so hidden-state interventions are attached (``vllm_interventions``).
 ``EIGENPATCH_VLLM_PLUGIN=0`` disables it, for a vLLM install shared with other projects.
 """
 
@@ -18,8 +19,10 @@ def register() -> None:
         return
     from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
 
+    from eigenpatch.serving.vllm_interventions import install
     from eigenpatch.serving.vllm_method import EigenpatchVllmConfig
 
+    install()  # hidden-state interventions: attached to decoder layers when the model is created
     try:
         if get_quantization_config(QUANT_METHOD) is EigenpatchVllmConfig:
             return

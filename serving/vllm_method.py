@@ -255,12 +255,16 @@ class Gemm(nn.Module):
 class EigenpatchVllmConfig(QuantizationConfig):
     """vLLM's view of ``quantization_config = {"quant_method": "eigenpatch", ...}`` (docs/FORMAT.md)."""
 
-    def __init__(self, layers: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self, layers: dict[str, dict[str, Any]], interventions: dict[str, dict[str, Any]] | None = None
+    ) -> None:
         super().__init__()
         unknown = sorted({spec.get("kind") for spec in layers.values()} - set(SERVED_KINDS))
         if unknown:
             raise ValueError(f"eigenpatch: this vLLM plugin cannot serve layer kind(s) {unknown}; upgrade eigenpatch")
         self.layers = layers
+        #: hidden-state modules on decoder layers, attached by ``vllm_interventions`` at model creation
+        self.interventions = dict(interventions or {})
 
     def get_name(self) -> str:
         return "eigenpatch"
@@ -281,11 +285,12 @@ class EigenpatchVllmConfig(QuantizationConfig):
         version = config.get("version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             raise ValueError(f"eigenpatch checkpoint format {version} is newer than this plugin ({FORMAT_VERSION})")
-        return cls(dict(config.get("layers", {})))
+        return cls(dict(config.get("layers", {})), config.get("interventions"))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         # vLLM passes a rename-only mapper (stacked names dropped): q_proj stays q_proj here.
         self.layers = hf_to_vllm_mapper.apply_dict(self.layers)
+        self.interventions = hf_to_vllm_mapper.apply_dict(self.interventions)
 
     def shard_names(self, prefix: str) -> list[str]:
         """HF Linear names behind the vLLM layer ``prefix`` (``…qkv_proj`` -> q/k/v_proj)."""

@@ -187,6 +187,16 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_
     assert served == _hf_greedy(out, ids, len(served))
 
 
+def _serve_two_prompts(out: Path, tp: int) -> dict[str, list[int]]:
+    """Serve ``out`` (fp32, tensor-parallel ``tp``) and return 16 greedy token ids for two fixed prompts."""
+    server = Server(out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", str(tp))
+    try:
+        prompts = ["The fire spread towards the town", "Police said the man"]
+        return {prompt: _served_tokens(server.complete(prompt, max_tokens=16)) for prompt in prompts}
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(("structure", "tp"), [("lowrank", 1), ("blockdense", 1), ("blockshuffle", 2)])
 def test_structured_ffn_serves_the_same_greedy_tokens(structure, tp, tmp_path_factory, tiny_tokenizer):
     """Structured FFNs in vLLM: ``lowrank`` runs gate+up as one fused layer with one shared input
@@ -200,16 +210,36 @@ def test_structured_ffn_serves_the_same_greedy_tokens(structure, tp, tmp_path_fa
     eigenpatch.patch(model, StructuredFFN(structure=structure, whiten=False, premerge=4), show_progress=False)
     out = tmp_path_factory.mktemp("serve-sffn") / f"tiny-{structure}-tp{tp}"
     eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
-    server = Server(out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", str(tp))
-    try:
-        prompts = ["The fire spread towards the town", "Police said the man"]
-        replies = [server.complete(prompt, max_tokens=16) for prompt in prompts]
-    finally:
-        server.stop()
-    for prompt, reply in zip(prompts, replies, strict=True):
-        served = _served_tokens(reply)
+    for prompt, served in _serve_two_prompts(out, tp).items():
         ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert served == _hf_greedy(out, ids, len(served)), prompt
+
+
+@pytest.mark.parametrize(("site", "mode", "tp"), [("embed", "drop", 1), ("layer:0", "keep", 2)])
+def test_shielded_checkpoint_serves_the_same_greedy_tokens(site, mode, tp, tmp_path_factory, tiny_tokenizer):
+    """EigenShield projections in vLLM: attached to the decoder layers at model creation, applied
+    to the residual stream (hidden + residual) by hooks; transformers applies them to its hidden
+    states. Same tokens, and the projection must matter (the unshielded model differs)."""
+    from eigenpatch.patchers import EigenShield
+    from eigenpatch.zoo import resolve_text
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    plain = model.state_dict()
+    config = EigenShield(site=site, mode=mode, calib_windows=16, calib_seq_len=64, chunks=4)
+    eigenpatch.patch(model, config, tokenizer=tiny_tokenizer, calib_text=resolve_text("news", "calib"))
+    out = tmp_path_factory.mktemp("serve-shield") / f"tiny-shield-{mode}-tp{tp}"
+    eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
+    unshielded = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    unshielded.load_state_dict(plain)
+    differs = False
+    for prompt, served in _serve_two_prompts(out, tp).items():
+        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert served == _hf_greedy(out, ids, len(served)), prompt
+        with torch.no_grad():
+            base = unshielded.generate(torch.tensor([ids]), max_new_tokens=len(served), do_sample=False)
+        differs |= base[0, len(ids) :].tolist() != served
+    assert differs
 
 
 def test_serve_refuses_a_folder_without_config(tmp_path, capsys):

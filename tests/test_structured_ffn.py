@@ -108,9 +108,12 @@ def test_crossover_rule():
     assert crossover({1: (1 * ms, 2 * ms), 64: (5 * ms, 4 * ms), 512: (9 * ms, 5 * ms)}) == 1
     assert crossover({1: (1 * ms, 2 * ms), 64: (5 * ms, 6 * ms)}) is ALWAYS_MERGED
     assert crossover({1: (2 * ms, 1 * ms), 64: (6 * ms, 5 * ms)}) == 0
-    # a win in the middle that does not last does not count
-    assert crossover({1: (1, 2), 8: (2, 1), 64: (3, 4), 512: (9, 5)}) == 64
-    assert crossover({1: (1.0, 0.99), 8: (2, 1)}) == 1  # within the noise margin is not a win
+    # winners that flip along the grid: the threshold with the smallest worst-case slowdown
+    assert crossover({1: (1, 2), 8: (2, 1), 64: (3, 4), 512: (9, 5)}) == 1
+    assert crossover({1: (1.36, 1), 8: (1, 1.59), 64: (1.06, 1), 512: (1.5, 1)}) == 8
+    # merging must buy more than the noise margin, or no dense copy is kept
+    assert crossover({1: (1.0, 1.02), 8: (2, 1)}) == 0
+    assert crossover({1: (1.0, 1.10), 8: (2, 1)}) == 1
 
 
 def test_measured_crossover_runs_on_a_real_group():

@@ -1,0 +1,217 @@
+"""``eigenshield``: project hidden states onto their random-matrix "causal" subspace.
+
+A **reconstruction** of EigenShield (arXiv 2502.14976; only its abstract is public, see
+``../shared/reference/shield_steer.md`` section 1.6). Every choice is named here and exposed in
+the config; the defaults are the ones ``bench/shield_robustness.py`` measured best.
+
+1. Calibration (``shield_stats``): mean ``mu`` and covariance of the hidden states at the site on
+   clean text, streamed in fp64 and chunked; optionally their response to small input
+   perturbations.
+2. ``standardize``: work in ``z = D^-1 (h - mu)``, ``D = diag(std)``. Residual streams have a few
+   dimensions with huge variance; without it those *are* the spectrum and the isotropic-noise
+   assumption behind Marchenko-Pastur is hopeless.
+3. Marchenko-Pastur fit (``rmt``): ``sigma^2`` from the median eigenvalue (``noise``), bulk edge
+   ``sigma^2 (1 + sqrt(d/n))^2 (1 + margin)``; eigenvalues above it are spikes (signal), the rest
+   bulk (noise). ``n`` counts tokens; neighbouring tokens are correlated, so the true edge is
+   somewhat higher; ``margin`` allows for that.
+4. Robustness-based nonconformity score (RbNS) per spike ``v_k`` (``score``):
+   - ``perturbation``: ``s_k = v_k^T Sigma_delta v_k / lambda_k``, how far input perturbations move
+     the hidden state along ``v_k`` relative to its natural spread (a direction where a small
+     push moves a lot is one an attacker can use);
+   - ``resample``: ``s_k = mean_g (1 - ||W_g^T v_k||^2)``, with ``W_g`` the spike subspace of the
+     covariance without calibration chunk ``g`` (a direction that depends on a few samples is
+     not a property of the distribution).
+5. Quantile threshold: spikes with ``s_k <= quantile_q(s)`` are **causal**, the other spikes
+   **correlational**.
+6. Projector (``mode``): ``keep`` maps ``h -> mu + P_C (h - mu)`` onto the causal spikes (the bulk
+   is dropped too); ``drop`` maps ``h -> h - P_R (h - mu)``, removing only the correlational
+   spikes. With standardization the projector is oblique in ``h``: ``P = D V V^T D^-1``.
+
+The result is a :class:`eigenpatch.interventions.HiddenProjection` on the decoder layer of the
+site, stored in the checkpoint (``interventions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from eigenpatch.calibration import DEFAULT_SEED, calibration_windows
+from eigenpatch.errors import UsageError
+from eigenpatch.interventions import PROJECT_MODES, HiddenProjection, attach, decoder_layers
+from eigenpatch.patchers.rmt import Spectrum, fit_spectrum
+from eigenpatch.patchers.shield_stats import PERTURBATIONS, SiteStats, collect_site_stats, parse_site
+from eigenpatch.recipe import PatchContext, TransformConfig, TransformResult, register_transform
+
+SCORES = ("perturbation", "resample")
+
+
+@dataclass
+class EigenShield(TransformConfig):
+    """Project the hidden states at ``site`` onto their causal subspace (or drop the correlational one)."""
+
+    name = "eigenshield"
+    site: str = "embed"
+    mode: str = "drop"
+    score: str = "perturbation"
+    perturb: str = "gradient"
+    epsilon: float = 0.1
+    quantile: float = 0.5
+    standardize: bool = True
+    noise: str = "median"
+    margin: float = 0.0
+    start: int = 0
+    calib_windows: int = 64
+    calib_seq_len: int = 256
+    chunks: int = 8
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.mode not in PROJECT_MODES:
+            raise UsageError(f"shield mode {self.mode!r} is not one of {PROJECT_MODES}")
+        if self.score not in SCORES:
+            raise UsageError(f"shield score {self.score!r} is not one of {SCORES}")
+        if self.perturb not in PERTURBATIONS:
+            raise UsageError(f"shield perturbation {self.perturb!r} is not one of {PERTURBATIONS}")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise UsageError(f"shield quantile must be in [0, 1], got {self.quantile}")
+        if self.epsilon <= 0:
+            raise UsageError(f"shield epsilon must be > 0, got {self.epsilon}")
+        if self.chunks < 2:
+            raise UsageError(f"shield needs at least 2 calibration chunks, got {self.chunks}")
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+
+@dataclass
+class ShieldSubspace:
+    """What calibration decided at one site: the fitted spectrum, the scores, causal vs correlational."""
+
+    mean: torch.Tensor  # [d]
+    scale: torch.Tensor  # [d] per-dimension std used to standardize (ones when not standardized)
+    spectrum: Spectrum
+    scores: torch.Tensor  # [spikes], one per spike eigenvector
+    threshold: float
+    causal: torch.Tensor  # indices into the eigenvectors
+    correlational: torch.Tensor
+
+    def projection(self, mode: str, hook: str, start: int = 0) -> HiddenProjection:
+        """The projector of ``mode``: onto the causal spikes (``keep``) or away from the rest (``drop``)."""
+        vectors = self.spectrum.eigenvectors[:, self.causal if mode == "keep" else self.correlational]
+        return projection_from_basis(self.mean, self.scale, vectors, mode, hook, start)
+
+    def details(self) -> dict[str, Any]:
+        s = self.spectrum
+        return {
+            "dim": s.eigenvalues.numel(),
+            "tokens": s.n_samples,
+            "gamma": round(s.gamma, 5),
+            "sigma2": s.sigma2,
+            "bulk_edge": s.edge,
+            "spikes": s.spikes,
+            "causal": self.causal.numel(),
+            "correlational": self.correlational.numel(),
+            "threshold": self.threshold,
+        }
+
+
+def projection_from_basis(
+    mean: torch.Tensor, scale: torch.Tensor, vectors: torch.Tensor, mode: str, hook: str, start: int = 0
+) -> HiddenProjection:
+    """``P = D V V^T D^-1`` for orthonormal ``vectors`` ``[d, k]`` found in standardized coordinates."""
+    vectors = vectors.double()
+    basis_out = scale.double()[:, None] * vectors
+    basis_in = vectors.T / scale.double()[None, :]
+    return HiddenProjection.from_bases(
+        mean.float(), basis_in.float(), basis_out.float(), mode=mode, hook=hook, start=start
+    )
+
+
+def robustness_scores(stats: SiteStats, spectrum: Spectrum, scale: torch.Tensor, score: str) -> torch.Tensor:
+    """RbNS of each spike eigenvector (higher = less robust = correlational)."""
+    k = spectrum.spikes
+    spikes = spectrum.eigenvectors[:, :k]
+    if score == "perturbation":
+        delta = stats.delta_covariance()
+        if delta is None:
+            raise UsageError("the perturbation score needs perturbation statistics (collected with perturb=...)")
+        delta = delta / torch.outer(scale, scale)
+        energy = torch.einsum("dk,de,ek->k", spikes, delta, spikes)
+        return energy / spectrum.eigenvalues[:k]
+    if score == "resample":
+        loss = torch.zeros(k, dtype=torch.float64)
+        for chunk in range(stats.chunks):
+            _, cov, _ = stats.moments(exclude=chunk)
+            corr = cov / torch.outer(scale, scale)
+            _, vectors = torch.linalg.eigh(corr)
+            held = vectors[:, -k:]  # top-k subspace without this chunk
+            loss += 1 - (held.T @ spikes).square().sum(0)
+        return loss / stats.chunks
+    raise UsageError(f"shield score {score!r} is not one of {SCORES}")
+
+
+def fit_subspace(stats: SiteStats, config: EigenShield) -> ShieldSubspace:
+    """Steps 2-5 of the module docstring on collected statistics."""
+    mean, cov, n = stats.moments()
+    scale = cov.diagonal().clamp_min(1e-12).sqrt() if config.standardize else torch.ones_like(mean)
+    spectrum = fit_spectrum(cov / torch.outer(scale, scale), n, config.noise, config.margin)
+    if spectrum.spikes == 0:
+        raise UsageError("no eigenvalue lies above the Marchenko-Pastur edge at this site: nothing to project")
+    scores = robustness_scores(stats, spectrum, scale, config.score)
+    threshold = float(torch.quantile(scores, config.quantile))
+    order = torch.arange(spectrum.spikes)
+    return ShieldSubspace(
+        mean, scale, spectrum, scores, threshold, order[scores <= threshold], order[scores > threshold]
+    )
+
+
+def shield_stats(
+    model: nn.Module, config: EigenShield, context: PatchContext, sites: list[str]
+) -> dict[str, SiteStats]:
+    """Calibration statistics for ``sites``, cached in ``context.cache`` (benchmarks fit many configs)."""
+    key = (
+        "eigenshield",
+        tuple(sites),
+        config.calib_windows,
+        config.calib_seq_len,
+        config.chunks,
+        config.perturb if config.score == "perturbation" else None,
+        config.epsilon,
+        config.start,
+        config.seed,
+    )
+    if key not in context.cache:
+        if context.tokenizer is None or context.calib_text is None:
+            raise UsageError("eigenshield needs calibration text and a tokenizer (--calib)")
+        windows = calibration_windows(
+            context.tokenizer, context.calib_text, config.calib_windows, config.calib_seq_len, config.seed
+        )
+        context.cache[key] = collect_site_stats(
+            model,
+            sites,
+            windows,
+            chunks=config.chunks,
+            perturb=key[5],
+            epsilon=config.epsilon,
+            start=config.start,
+            seed=config.seed,
+            show_progress=context.show_progress,
+        )
+    return context.cache[key]
+
+
+@register_transform(EigenShield)
+def apply_eigenshield(model: nn.Module, config: EigenShield, context: PatchContext) -> TransformResult:
+    layers = decoder_layers(model)
+    index, hook = parse_site(config.site, len(layers))
+    stats = shield_stats(model, config, context, [config.site])[config.site]
+    subspace = fit_subspace(stats, config)
+    projection = subspace.projection(config.mode, hook, config.start)
+    ref = next(model.parameters())
+    attach(layers[index], projection.to(device=ref.device, dtype=ref.dtype))
+    return TransformResult({**subspace.details(), "rank": projection.rank, "layer": index, "hook": hook})

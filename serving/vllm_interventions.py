@@ -1,0 +1,83 @@
+"""Hidden-state interventions (``quantization_config.interventions``) in vLLM.
+
+vLLM routes Linears through the quantization method, but nothing routes a decoder layer's
+*output*, which is where a residual-stream projection acts. So the plugin wraps the model
+loader's ``create_model`` (one place, every architecture): once the model skeleton exists and
+before weights load, each listed intervention becomes a module on its decoder layer, named as in
+the checkpoint (``model.layers.15.project_out``), so vLLM's own weight loader fills it, and a hook
+applies it. Hooks registered before vLLM compiles the forward are traced into the graph.
+
+vLLM decoder layers take and return ``(hidden, residual)`` with the residual stream being their
+sum (the add is fused into the next RMSNorm). The projection acts on that sum and writes only
+the change back into ``hidden``: ``hidden += proj(s) - s``, so the fused add of the next layer
+sees exactly ``proj(s)``. Hidden states are replicated across tensor-parallel ranks, so every
+rank applies the same full projection; a layer missing on this pipeline stage is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from eigenpatch.interventions import ATTRIBUTE, HiddenProjection
+
+
+class VllmHiddenProjection(HiddenProjection):
+    """:class:`HiddenProjection` with vLLM's ``(positions, hidden, residual)`` calling convention."""
+
+    def _on_stream(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: Any) -> torch.Tensor:
+        stream = hidden if residual is None else hidden + residual
+        return hidden + (self(stream, positions) - stream)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        positions, hidden, residual = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("residual")
+        return (positions, self._on_stream(hidden, residual, positions), *args[2:]), kwargs
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden, residual = output
+        return self._on_stream(hidden, residual, args[0]), residual
+
+
+def attach_interventions(model: nn.Module, specs: dict[str, dict[str, Any]]) -> int:
+    """Add the modules and hooks of ``specs`` to a freshly built vLLM model; returns how many."""
+    from eigenpatch.interventions import attach
+
+    done = 0
+    for name, spec in specs.items():
+        layer_name, _, attribute = name.rpartition(".")
+        if spec.get("kind") != HiddenProjection.kind or ATTRIBUTE.get(spec.get("hook")) != attribute:
+            raise ValueError(f"eigenpatch: this vLLM plugin cannot serve intervention {name!r} ({spec})")
+        try:
+            layer = model.get_submodule(layer_name)
+        except AttributeError:
+            raise ValueError(f"eigenpatch: intervention {name!r} names no module of this vLLM model") from None
+        ref = next(layer.parameters(), None)
+        if ref is None:  # PPMissingLayer: this layer runs on another pipeline stage
+            continue
+        options = {k: spec[k] for k in ("mode", "hook", "start")}
+        attach(layer, VllmHiddenProjection(spec["dim"], spec["rank"], device=ref.device, dtype=ref.dtype, **options))
+        done += 1
+    return done
+
+
+def install() -> None:
+    """Wrap ``BaseModelLoader.create_model`` once per process (idempotent)."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    from eigenpatch.serving.vllm_method import EigenpatchVllmConfig
+
+    original = BaseModelLoader.create_model
+    if getattr(original, "_eigenpatch", False):
+        return
+
+    def create_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> nn.Module:
+        model = original(self, vllm_config, model_config, prefix=prefix)
+        quant = vllm_config.quant_config
+        if isinstance(quant, EigenpatchVllmConfig) and quant.interventions:
+            attach_interventions(model, quant.interventions)
+        return model
+
+    create_model._eigenpatch = True  # type: ignore[attr-defined]
+    BaseModelLoader.create_model = create_model  # type: ignore[method-assign]
