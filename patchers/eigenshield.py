@@ -59,7 +59,7 @@ class EigenShield(TransformConfig):
     score: str = "perturbation"
     perturb: str = "gradient"
     epsilon: float = 0.1
-    quantile: float = 0.5
+    quantile: float = 0.9
     standardize: bool = True
     noise: str = "median"
     margin: float = 0.0
