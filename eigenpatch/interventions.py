@@ -160,16 +160,28 @@ def intervention_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, HiddenProjection)}
 
 
-def build_interventions(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None:
-    """Attach empty interventions of the stored shapes (before weights load), on the model's device/dtype."""
+def build_interventions(
+    model: nn.Module, specs: dict[str, dict[str, Any]], projection_cls: type[HiddenProjection] = HiddenProjection
+) -> int:
+    """Attach empty interventions of the stored shapes (before weights load), on each layer's device
+    and dtype; returns how many. ``projection_cls`` adapts the hooks to a runtime's calling
+    convention (vLLM's). A layer without parameters (vLLM's stand-in for a layer on another
+    pipeline stage) is skipped."""
+    done = 0
     for name, spec in specs.items():
         layer_name, _, attribute = name.rpartition(".")
-        cls = INTERVENTION_KINDS.get(spec.get("kind"))
-        if cls is None:
+        if spec.get("kind") not in INTERVENTION_KINDS:
             raise ValueError(f"intervention {name!r} has unknown kind {spec.get('kind')!r}")
         if ATTRIBUTE.get(spec.get("hook")) != attribute:
             raise ValueError(f"intervention {name!r}: attribute does not match hook {spec.get('hook')!r}")
-        layer = model.get_submodule(layer_name)
-        ref = next(layer.parameters())
+        try:
+            layer = model.get_submodule(layer_name)
+        except AttributeError:
+            raise ValueError(f"intervention {name!r} names no module of this model") from None
+        ref = next(layer.parameters(), None)
+        if ref is None:
+            continue
         options = {k: spec[k] for k in ("mode", "hook", "start")}
-        attach(layer, cls(spec["dim"], spec["rank"], device=ref.device, dtype=ref.dtype, **options))
+        attach(layer, projection_cls(spec["dim"], spec["rank"], device=ref.device, dtype=ref.dtype, **options))
+        done += 1
+    return done

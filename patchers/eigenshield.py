@@ -174,13 +174,14 @@ def shield_stats(
     model: nn.Module, config: EigenShield, context: PatchContext, sites: list[str]
 ) -> dict[str, SiteStats]:
     """Calibration statistics for ``sites``, cached in ``context.cache`` (benchmarks fit many configs)."""
+    perturb = config.perturb if config.score == "perturbation" else None  # resampling needs no perturbed pass
     key = (
         "eigenshield",
         tuple(sites),
         config.calib_windows,
         config.calib_seq_len,
         config.chunks,
-        config.perturb if config.score == "perturbation" else None,
+        perturb,
         config.epsilon,
         config.start,
         config.seed,
@@ -196,7 +197,7 @@ def shield_stats(
             sites,
             windows,
             chunks=config.chunks,
-            perturb=key[5],
+            perturb=perturb,
             epsilon=config.epsilon,
             start=config.start,
             seed=config.seed,

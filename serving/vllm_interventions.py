@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigenpatch.interventions import ATTRIBUTE, HiddenProjection
+from eigenpatch.interventions import HiddenProjection, build_interventions
 
 
 class VllmHiddenProjection(HiddenProjection):
@@ -40,28 +40,6 @@ class VllmHiddenProjection(HiddenProjection):
         return self._on_stream(hidden, residual, args[0]), residual
 
 
-def attach_interventions(model: nn.Module, specs: dict[str, dict[str, Any]]) -> int:
-    """Add the modules and hooks of ``specs`` to a freshly built vLLM model; returns how many."""
-    from eigenpatch.interventions import attach
-
-    done = 0
-    for name, spec in specs.items():
-        layer_name, _, attribute = name.rpartition(".")
-        if spec.get("kind") != HiddenProjection.kind or ATTRIBUTE.get(spec.get("hook")) != attribute:
-            raise ValueError(f"eigenpatch: this vLLM plugin cannot serve intervention {name!r} ({spec})")
-        try:
-            layer = model.get_submodule(layer_name)
-        except AttributeError:
-            raise ValueError(f"eigenpatch: intervention {name!r} names no module of this vLLM model") from None
-        ref = next(layer.parameters(), None)
-        if ref is None:  # PPMissingLayer: this layer runs on another pipeline stage
-            continue
-        options = {k: spec[k] for k in ("mode", "hook", "start")}
-        attach(layer, VllmHiddenProjection(spec["dim"], spec["rank"], device=ref.device, dtype=ref.dtype, **options))
-        done += 1
-    return done
-
-
 def install() -> None:
     """Wrap ``BaseModelLoader.create_model`` once per process (idempotent)."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
@@ -76,7 +54,7 @@ def install() -> None:
         model = original(self, vllm_config, model_config, prefix=prefix)
         quant = vllm_config.quant_config
         if isinstance(quant, EigenpatchVllmConfig) and quant.interventions:
-            attach_interventions(model, quant.interventions)
+            build_interventions(model, quant.interventions, VllmHiddenProjection)
         return model
 
     create_model._eigenpatch = True  # type: ignore[attr-defined]
