@@ -14,7 +14,7 @@
 from eigenpatch import recipe
 from eigenpatch.checkpoint import EigenpatchConfig, load, register_with_transformers, save
 from eigenpatch.modules import LowRankLinear
-from eigenpatch.patchers import SVD, EigenShield, Heal, LowRank, StructuredFFN
+from eigenpatch.patchers import SVD, EigenShield, Heal, LowRank, Steer, StructuredFFN
 from eigenpatch.recipe import TransformConfig, patch, register_transform
 from eigenpatch.structured import set_premerge
 
@@ -28,6 +28,7 @@ __all__ = [
     "Heal",
     "LowRank",
     "LowRankLinear",
+    "Steer",
     "StructuredFFN",
     "TransformConfig",
     "load",

@@ -41,3 +41,23 @@ def atomic_output_dir(output: str | os.PathLike, force: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_output_file(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path in ``output``'s folder that is renamed to ``output`` on success."""
+    out = Path(output).resolve()
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists; choose another -o/--output or pass --force to replace it")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder; give a file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -28,6 +28,7 @@ examples:
   patch-model --compress 0.5 --method svd          # data-free baseline (fast, and much worse)
   patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable if interrupted)
   patch-model --structured-ffn blockdense --ffn-ratio 0.3   # structured feed-forward blocks, pre-merged for decode
+  patch-model --steer sentiment.safetensors --strength 4    # bake a steering vector (eigenpatch steer build)
   python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
 """
 
@@ -139,8 +140,10 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--heal-seq-len", type=int, default=Heal.seq_len, help="tokens per window (%(default)s)")
     h.add_argument("--heal-grad-accum", type=int, default=Heal.grad_accum, help="micro-batches per step (%(default)s)")
     from eigenpatch.cli_shield import add_shield_args
+    from eigenpatch.cli_steer import add_steer_args
 
     add_shield_args(p)
+    add_steer_args(p)
     _add_model_args(p)
     _add_eval_args(p)
 
@@ -153,6 +156,8 @@ def _default_output(args: argparse.Namespace) -> Path:
         name += f"-{args.method.replace('+', '-')}-c{args.compress:g}"
     if getattr(args, "shield", None):
         name += f"-shield-{args.shield.replace(':', '')}"
+    if getattr(args, "steer", None):
+        name += f"-steer{args.strength:g}"
     return Path("patched") / (f"{name}-heal{args.heal}" if args.heal else name)
 
 
@@ -228,13 +233,14 @@ def run_patch(args: argparse.Namespace) -> int:
     import eigenpatch
     from eigenpatch.checkpoint import weights_bytes
     from eigenpatch.cli_shield import build_shield
+    from eigenpatch.cli_steer import build_steer
     from eigenpatch.hf_io import load_model, parse_dtype
     from eigenpatch.zoo import resolve_text
 
-    if args.compress is None and not args.structured_ffn and not args.shield:
-        raise UsageError("nothing to do: give --compress R, --structured-ffn KIND and/or --shield SITE")
+    if args.compress is None and not args.structured_ffn and not args.shield and not args.steer:
+        raise UsageError("nothing to do: give --compress R, --structured-ffn KIND, --shield SITE and/or --steer FILE")
     heal = build_heal(args)
-    stages = (build_structured_ffn(args), build_compression(args), heal, build_shield(args))
+    stages = (build_structured_ffn(args), build_compression(args), heal, build_shield(args), build_steer(args))
     recipe = [c for c in stages if c is not None]
     needs_data = any(c.needs_data for c in recipe)
     output = Path(args.output) if args.output else _default_output(args)
@@ -397,6 +403,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from eigenpatch.cli_serve import add_serve_command
 
     add_serve_command(sub)
+    from eigenpatch.cli_steer import add_steer_command
+
+    add_steer_command(sub)
     return parser
 
 

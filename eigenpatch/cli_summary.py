@@ -50,6 +50,10 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
             from eigenpatch.cli_shield import shield_summary
 
             lines.append(shield_summary(step))
+        if step["transform"] == "steer":
+            from eigenpatch.cli_steer import steer_summary
+
+            lines.append(steer_summary(step))
         if step["transform"] == "heal":
             resumed = f", resumed at step {step['resumed_from_step']}" if step["resumed_from_step"] else ""
             lines.append(

@@ -7,7 +7,8 @@ bare ``patchers``, which would create a second copy of every class.
 from eigenpatch.patchers.compress import LowRank, parse_method
 from eigenpatch.patchers.eigenshield import EigenShield
 from eigenpatch.patchers.heal import Heal
+from eigenpatch.patchers.steer import Steer
 from eigenpatch.patchers.structured_ffn import StructuredFFN
 from eigenpatch.patchers.svd import SVD
 
-__all__ = ["SVD", "EigenShield", "Heal", "LowRank", "StructuredFFN", "parse_method"]
+__all__ = ["SVD", "EigenShield", "Heal", "LowRank", "Steer", "StructuredFFN", "parse_method"]

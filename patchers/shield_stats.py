@@ -96,7 +96,8 @@ class SiteStats:
 
 
 @contextmanager
-def _capture(model: nn.Module, sites: list[str], sink: dict[str, torch.Tensor]) -> Iterator[None]:
+def capture(model: nn.Module, sites: list[str], sink: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, every forward stores the hidden states at each site in ``sink[site]``."""
     layers = decoder_layers(model)
     handles = []
     for site in sites:
@@ -171,7 +172,7 @@ def collect_site_stats(
     for b, i in enumerate(tqdm(batches, desc="shield calibration", unit="batch", disable=not show_progress)):
         ids = windows[i : i + batch_size].to(device)
         embeds = embed(ids)
-        with _capture(model, sites, clean):
+        with capture(model, sites, clean):
             body(inputs_embeds=embeds, use_cache=False)
         chunk = b * chunks // n_batches
         for site in sites:
@@ -179,7 +180,7 @@ def collect_site_stats(
         if perturb is None:
             continue
         delta = _perturbation(model, embeds, ids, perturb, size, seed + b)
-        with _capture(model, sites, moved):
+        with capture(model, sites, moved):
             body(inputs_embeds=embeds + delta, use_cache=False)
         for site in sites:
             stats[site].add_delta((moved[site] - clean[site])[:, start:])

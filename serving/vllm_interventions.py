@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigenpatch.interventions import HiddenProjection, build_interventions
+from eigenpatch.interventions import HiddenProjection, HiddenShift, Intervention, build_interventions
 
 
-class VllmHiddenProjection(HiddenProjection):
-    """:class:`HiddenProjection` with vLLM's ``(positions, hidden, residual)`` calling convention."""
+class VllmHooks(Intervention):
+    """An intervention's hooks in vLLM's ``(positions, hidden, residual)`` calling convention."""
 
     def _on_stream(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: Any) -> torch.Tensor:
         stream = hidden if residual is None else hidden + residual
@@ -38,6 +38,18 @@ class VllmHiddenProjection(HiddenProjection):
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden, residual = output
         return self._on_stream(hidden, residual, args[0]), residual
+
+
+class VllmHiddenProjection(VllmHooks, HiddenProjection):
+    pass
+
+
+class VllmHiddenShift(VllmHooks, HiddenShift):
+    def _on_stream(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: Any) -> torch.Tensor:
+        return self._late(hidden, hidden + self.vector, positions)  # a shift of the sum is a shift of either part
+
+
+VLLM_CLASSES: dict[str, type[Intervention]] = {c.kind: c for c in (VllmHiddenProjection, VllmHiddenShift)}
 
 
 def install() -> None:
@@ -54,7 +66,7 @@ def install() -> None:
         model = original(self, vllm_config, model_config, prefix=prefix)
         quant = vllm_config.quant_config
         if isinstance(quant, EigenpatchVllmConfig) and quant.interventions:
-            build_interventions(model, quant.interventions, VllmHiddenProjection)
+            build_interventions(model, quant.interventions, VLLM_CLASSES)
         return model
 
     create_model._eigenpatch = True  # type: ignore[attr-defined]

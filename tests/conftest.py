@@ -95,3 +95,22 @@ def tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(resolve_text("news", split="calib").splitlines(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def assert_onnx_parity_and_effect(model_dir: Path, tokenizer, out: Path, baseline: torch.nn.Module) -> None:
+    """Export ``model_dir`` to ONNX: logits within 1e-4 of PyTorch, the same 16 greedy tokens in
+    ONNX Runtime, and the patch must change the logits vs ``baseline`` (so parity proves the
+    graph applies it)."""
+    import eigenpatch
+    from eigenpatch.export.onnx import export_onnx
+    from eigenpatch.export.runtime import OnnxCausalLM
+
+    loaded = eigenpatch.load(model_dir)
+    meta = export_onnx(loaded, out, tokenizer=tokenizer)
+    assert meta["parity"]["max_abs_logit_diff"] <= 1e-4
+    ids = tokenizer("The fire spread towards the town", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        reference = loaded.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+        shift = (loaded(torch.tensor([ids])).logits - baseline(torch.tensor([ids])).logits).abs().max()
+    assert shift > 1e-3
+    assert OnnxCausalLM(out).generate(ids, max_new_tokens=16) == reference.tolist()

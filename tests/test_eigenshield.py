@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import assert_onnx_parity_and_effect, make_tiny
 
 import eigenpatch
 from eigenpatch.errors import UsageError
@@ -206,8 +206,6 @@ def test_patch_model_shield_cli_and_shield_spectrum_plot(tmp_path, tiny_tokenize
 @pytest.mark.parametrize("site,mode", [("embed", "drop"), ("layer:1", "keep")])
 def test_shielded_checkpoint_exports_to_onnx_with_parity(site, mode, tiny_tokenizer, tmp_path):
     pytest.importorskip("onnxruntime")
-    from eigenpatch.export.onnx import export_onnx
-    from eigenpatch.export.runtime import OnnxCausalLM
     from eigenpatch.zoo import resolve_text
 
     model = make_tiny("llama")
@@ -215,12 +213,4 @@ def test_shielded_checkpoint_exports_to_onnx_with_parity(site, mode, tiny_tokeni
     calib = resolve_text("news", "calib")
     eigenpatch.patch(model, config, tokenizer=tiny_tokenizer, calib_text=calib, show_progress=False)
     eigenpatch.save(model, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
-    loaded = eigenpatch.load(tmp_path / "ckpt")
-    meta = export_onnx(loaded, tmp_path / "onnx", tokenizer=tiny_tokenizer)
-    assert meta["parity"]["max_abs_logit_diff"] <= 1e-4
-    ids = tiny_tokenizer("The fire spread towards the town", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        reference = loaded.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
-        shift = (loaded(torch.tensor([ids])).logits - make_tiny("llama")(torch.tensor([ids])).logits).abs().max()
-    assert shift > 1e-3  # the projection matters, so parity above means the graph applies it
-    assert OnnxCausalLM(tmp_path / "onnx").generate(ids, max_new_tokens=16) == reference.tolist()
+    assert_onnx_parity_and_effect(tmp_path / "ckpt", tiny_tokenizer, tmp_path / "onnx", make_tiny("llama"))

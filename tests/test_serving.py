@@ -197,6 +197,21 @@ def _serve_two_prompts(out: Path, tp: int) -> dict[str, list[int]]:
         server.stop()
 
 
+def _assert_served_like_transformers_and_changed(out: Path, tp: int, plain: dict, tokenizer) -> None:
+    """vLLM's greedy tokens for ``out`` equal transformers', and differ from the model without
+    its intervention (``plain``: the state dict before patching) for at least one prompt."""
+    unpatched = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    unpatched.load_state_dict(plain)
+    differs = False
+    for prompt, served in _serve_two_prompts(out, tp).items():
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert served == _hf_greedy(out, ids, len(served)), prompt
+        with torch.no_grad():
+            base = unpatched.generate(torch.tensor([ids]), max_new_tokens=len(served), do_sample=False)
+        differs |= base[0, len(ids) :].tolist() != served
+    assert differs
+
+
 @pytest.mark.parametrize(("structure", "tp"), [("lowrank", 1), ("blockdense", 1), ("blockshuffle", 2)])
 def test_structured_ffn_serves_the_same_greedy_tokens(structure, tp, tmp_path_factory, tiny_tokenizer):
     """Structured FFNs in vLLM: ``lowrank`` runs gate+up as one fused layer with one shared input
@@ -230,16 +245,26 @@ def test_shielded_checkpoint_serves_the_same_greedy_tokens(site, mode, tp, tmp_p
     eigenpatch.patch(model, config, tokenizer=tiny_tokenizer, calib_text=resolve_text("news", "calib"))
     out = tmp_path_factory.mktemp("serve-shield") / f"tiny-shield-{mode}-tp{tp}"
     eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
-    unshielded = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
-    unshielded.load_state_dict(plain)
-    differs = False
-    for prompt, served in _serve_two_prompts(out, tp).items():
-        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        assert served == _hf_greedy(out, ids, len(served)), prompt
-        with torch.no_grad():
-            base = unshielded.generate(torch.tensor([ids]), max_new_tokens=len(served), do_sample=False)
-        differs |= base[0, len(ids) :].tolist() != served
-    assert differs
+    _assert_served_like_transformers_and_changed(out, tp, plain, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_steered_checkpoint_serves_the_same_greedy_tokens(tp, tmp_path_factory, tiny_tokenizer):
+    """Static steering in vLLM: the stored shift is added to the residual stream of the steered
+    layers; transformers adds it to the layer output. Same tokens; the steering must matter."""
+    from eigenpatch.patchers import Steer
+    from eigenpatch.patchers.steer_vectors import SteeringVectors
+
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    plain = model.state_dict()
+    g = torch.Generator().manual_seed(tp)
+    folder = tmp_path_factory.mktemp("serve-steer")
+    vec = SteeringVectors({i: 2.0 * torch.randn(128, generator=g) for i in (0, 1)}).save(folder / "v.safetensors")
+    eigenpatch.patch(model, Steer(vectors=str(vec), strength=1.5, start=2))
+    out = folder / f"tiny-steer-tp{tp}"
+    eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
+    _assert_served_like_transformers_and_changed(out, tp, plain, tiny_tokenizer)
 
 
 def test_serve_refuses_a_folder_without_config(tmp_path, capsys):
@@ -292,8 +317,6 @@ def test_structured_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(sm
     """Issue acceptance (structured FFNs): a SmolLM2 checkpoint with low-rank FFNs (gate/up sharing
     one input factor, 30 % fewer FFN parameters) gives the same greedy tokens for the 5 fixed
     prompts (32 tokens, fp32) in transformers (pre-merged decode), vLLM and ONNX Runtime."""
-    from eigenpatch.export.onnx import PROMPTS, export_onnx
-    from eigenpatch.export.runtime import OnnxCausalLM
     from eigenpatch.hf_io import load_model
     from eigenpatch.patchers import StructuredFFN
     from eigenpatch.zoo import resolve_text
@@ -303,14 +326,53 @@ def test_structured_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(sm
     calib = resolve_text("wiki", split="calib")
     eigenpatch.patch(model, config, tokenizer=tokenizer, calib_text=calib, show_progress=False)
     out = eigenpatch.save(model, tmp_path / "smollm2-ffn-lowrank", tokenizer=tokenizer)
+    _assert_three_runtimes_agree(out, tokenizer, tmp_path / "onnx")
+
+
+@pytest.mark.slow
+def test_steered_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(smollm2_dir, tmp_path):
+    """Issue acceptance (static steering): SmolLM2 with a sentiment vector baked into layers
+    10-12 gives the same greedy tokens for the 5 fixed prompts (32 tokens, fp32) in transformers,
+    vLLM and ONNX Runtime, and they differ from the unsteered model's."""
+    from eigenpatch.export.onnx import PROMPTS
+    from eigenpatch.hf_io import load_model
+    from eigenpatch.patchers import Steer
+    from eigenpatch.patchers.steer_vectors import build_steering_vectors, read_prompts
+
+    data = Path(__file__).resolve().parents[1] / "bench" / "data" / "steer"
+    model, tokenizer, _ = load_model(smollm2_dir)
+    pos, neg = read_prompts(data / "positive.txt"), read_prompts(data / "negative.txt")
+    vectors = build_steering_vectors(model, tokenizer, pos, neg, [10, 11, 12], subspace="none")
+    vec = vectors.save(tmp_path / "sentiment.safetensors")
+    with torch.no_grad():
+        unsteered = {
+            p: model.generate(
+                **tokenizer(p, return_tensors="pt", add_special_tokens=False), max_new_tokens=32, do_sample=False
+            )
+            for p in PROMPTS
+        }
+    eigenpatch.patch(model, Steer(vectors=str(vec), strength=0.5))
+    out = eigenpatch.save(model, tmp_path / "smollm2-steer", tokenizer=tokenizer)
+    greedy = _assert_three_runtimes_agree(out, tokenizer, tmp_path / "onnx")
+    changed = sum(unsteered[p][0, -32:].tolist() != tokens for p, tokens in greedy.items())
+    assert changed >= 3  # the steering changes most continuations
+
+
+def _assert_three_runtimes_agree(out: Path, tokenizer, onnx_dir: Path) -> dict[str, list[int]]:
+    """The 5 fixed prompts' greedy tokens (32, fp32) of checkpoint ``out`` are the same in
+    transformers, vLLM (over HTTP) and ONNX Runtime; returns them by prompt."""
+    from eigenpatch.export.onnx import PROMPTS, export_onnx
+    from eigenpatch.export.runtime import OnnxCausalLM
+
     server = Server(out, "--dtype", "float32", "--max-model-len", "1024")
     try:
         replies = [server.complete(prompt, max_tokens=32) for prompt in PROMPTS]
     finally:
         server.stop()
     reloaded = eigenpatch.load(out).eval()
-    export_onnx(reloaded, tmp_path / "onnx", tokenizer=tokenizer)  # verifies logits against PyTorch itself
-    runner = OnnxCausalLM(tmp_path / "onnx")
+    export_onnx(reloaded, onnx_dir, tokenizer=tokenizer)  # verifies logits against PyTorch itself
+    runner = OnnxCausalLM(onnx_dir)
+    greedy = {}
     for prompt, reply in zip(PROMPTS, replies, strict=True):
         served = _served_tokens(reply)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -318,3 +380,5 @@ def test_structured_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(sm
             expected = reloaded.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :]
         assert served == expected.tolist()[: len(served)], prompt
         assert runner.generate(ids, max_new_tokens=32) == expected.tolist(), prompt
+        greedy[prompt] = expected.tolist()
+    return greedy
