@@ -101,13 +101,27 @@ def main() -> None:
                     }
                 )
         del student
+        save_rows(args, rows, unhealed, dense, done=args.modes[: args.modes.index(mode) + 1])
+
+
+def save_rows(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    unhealed: dict[str, float],
+    dense: dict[str, float],
+    done: list[str],
+) -> None:
+    """Merge the modes measured so far into the checkpoint's entry and write the JSON (after every
+    mode, so an interrupted grid keeps what it finished)."""
     settings = {"teacher": args.teacher, "lr": args.lr, "batch": args.batch, "seq_len": args.seq_len}
     settings["eval_tokens"] = args.eval_tokens
     name = Path(args.checkpoint).name
     runs = load_runs(args.out)
     previous = runs.get(name, {})
-    if previous.get("settings") == settings:  # keep the modes this run did not measure
-        rows = [r for r in previous["rows"] if r["mode"] not in {"unhealed", *args.modes}] + rows
+    rows = list(rows)
+    if previous.get("settings") == settings:  # keep the modes this run has not measured
+        rows = [r for r in previous["rows"] if r["mode"] not in {"unhealed", *done}] + rows
+    rows = [r for r in rows if r["mode"] == "unhealed" or "train_seconds_total" in r]  # finished modes only
     rows.sort(key=lambda r: (r["mode"] != "unhealed", r["mode"], r["steps"]))
     for row in rows:
         row["gap_closed"] = {

@@ -11,6 +11,13 @@ SERVE_EXAMPLES = """examples:
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "smollm2-135m-loss-fwhiten-c0.3", "prompt": "The capital of France is", "max_tokens": 16}'
 
+Per-request steering: start with named vectors (from `eigenpatch steer build`), then pick one per request
+through the OpenAI extra body; steered and unsteered requests share batches, and steered ones never
+share prefix-cache blocks with others:
+  eigenpatch serve DIR --steer happy=happy.safetensors --steer formal=formal.safetensors
+  curl ... -d '{"model": ..., "prompt": "...", "vllm_xargs": {"steer": "happy", "steer_strength": 2}}'
+  (Python client: extra_body={"vllm_xargs": {"steer": "happy", "steer_strength": 2}})
+
 Any option not listed above goes to vLLM unchanged (--dtype, --max-model-len, --tensor-parallel-size, ...).
 On CPU the KV cache gets VLLM_CPU_KVCACHE_SPACE=1 (GiB) unless you set it or --kv-cache-memory-bytes."""
 
@@ -26,6 +33,8 @@ def run_serve(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             extra=args.extra,
             startup_timeout=args.startup_timeout,
+            steer=args.steer,
+            steer_max_strength=args.steer_max_strength,
         )
     except KeyboardInterrupt:  # the server has been stopped already
         return 130
@@ -46,4 +55,18 @@ def add_serve_command(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require this bearer token on every request")
     s.add_argument("--startup-timeout", type=float, default=900, metavar="S", help="give up after S seconds")
+    s.add_argument(
+        "--steer",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="a steering vector file requests may select by NAME (repeatable; see below)",
+    )
+    s.add_argument(
+        "--steer-max-strength",
+        type=float,
+        default=16.0,
+        metavar="S",
+        help="requests asking for |strength| > S get 400 (%(default)s)",
+    )
     s.set_defaults(run=run_serve, accepts_extra=True)

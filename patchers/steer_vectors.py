@@ -60,10 +60,27 @@ def model_fingerprint(model: nn.Module) -> str:
     Compression and the other transforms never touch the embeddings, so a vector built on a model
     still matches that model's patched checkpoints; a different model does not.
     """
-    weight = model.get_input_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
-    digest = hashlib.sha256(f"{tuple(weight.shape)}:{len(decoder_layers(model))}".encode())
+    return _fingerprint(model.get_input_embeddings().weight, len(decoder_layers(model)))
+
+
+def _fingerprint(weight: torch.Tensor, n_layers: int) -> str:
+    weight = weight.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(f"{tuple(weight.shape)}:{n_layers}".encode())
     digest.update(weight.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str | os.PathLike, n_layers: int) -> str | None:
+    """:func:`model_fingerprint` of a saved checkpoint, read from its safetensors without loading
+    the model (None when no ``*embed_tokens.weight`` tensor is found)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            names = [k for k in f.keys() if k.endswith("embed_tokens.weight")]  # noqa: SIM118 (not a dict)
+            if names:
+                return _fingerprint(f.get_tensor(names[0]), n_layers)
+    return None
 
 
 def parse_layers(text: str | Sequence[int], n_layers: int) -> list[int]:

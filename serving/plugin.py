@@ -3,7 +3,9 @@
 vLLM runs general plugins in each of its processes (API server, engine core, workers), possibly
 several times; ``register`` is idempotent and cheap: it imports the method module (which imports
 only vLLM's Python layer classes, no device init) and registers it under ``"eigenpatch"``, and
-wraps the model loader so hidden-state interventions are attached (``vllm_interventions``).
+wraps the model loader so hidden-state interventions are attached (``vllm_interventions``), and
+installs per-request steering (``vllm_steering``: admission checks always, token routing when the
+server was given vectors).
 ``EIGENPATCH_VLLM_PLUGIN=0`` disables it, for a vLLM install shared with other projects.
 """
 
@@ -23,6 +25,11 @@ def register() -> None:
     from eigenpatch.serving.vllm_method import EigenpatchVllmConfig
 
     install()  # hidden-state interventions: attached to decoder layers when the model is created
+    from eigenpatch.serving import vllm_steering
+
+    vllm_steering.install_frontend()  # per-request steering: validated (400) and cache-salted at admission
+    if vllm_steering.configured_vectors():
+        vllm_steering.install_worker()  # ... and routed to tokens before each forward
     try:
         if get_quantization_config(QUANT_METHOD) is EigenpatchVllmConfig:
             return

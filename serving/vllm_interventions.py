@@ -57,6 +57,7 @@ def install() -> None:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     from eigenpatch.serving.vllm_method import EigenpatchVllmConfig
+    from eigenpatch.serving.vllm_steering import attach_request_steering
 
     original = BaseModelLoader.create_model
     if getattr(original, "_eigenpatch", False):
@@ -67,6 +68,7 @@ def install() -> None:
         quant = vllm_config.quant_config
         if isinstance(quant, EigenpatchVllmConfig) and quant.interventions:
             build_interventions(model, quant.interventions, VLLM_CLASSES)
+        attach_request_steering(model, vllm_config)  # per-request vectors of `serve --steer`, if any
         return model
 
     create_model._eigenpatch = True  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ its greedy tokens with transformers on the same checkpoint: same weights, same a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -160,6 +161,8 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(tiny_server):
     assert 400 <= _status(url, b'{"model": "x", "prompt": ') < 500  # truncated JSON
     assert 400 <= _status(url, json.dumps({**good, "max_tokens": -3}).encode()) < 500
     assert 400 <= _status(url, json.dumps({**good, "model": "no-such-model"}).encode()) < 500
+    # steering asked of a server started without vectors: refused, never silently ignored
+    assert _status(url, json.dumps({**good, "vllm_xargs": {"steer": "happy"}}).encode()) == 400
     with ThreadPoolExecutor(32) as pool:  # then 32 concurrent requests, all answered
         replies = list(pool.map(lambda i: _post(url, {**good, "prompt": f"Request {i}:"}), range(32)))
     assert all(r["usage"]["completion_tokens"] == 4 for r in replies)
@@ -265,6 +268,69 @@ def test_steered_checkpoint_serves_the_same_greedy_tokens(tp, tmp_path_factory, 
     out = folder / f"tiny-steer-tp{tp}"
     eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
     _assert_served_like_transformers_and_changed(out, tp, plain, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_per_request_steering_over_http(tp, tmp_path_factory, tiny_tokenizer):
+    """Issue acceptance (per-request steering): a steered and an unsteered request sent together
+    each give exactly transformers' tokens for their setting; repeating the unsteered request after
+    the steered one with the same (prefix-cached) prompt gives the unsteered tokens, and the other
+    way round; strength 0 is the unsteered model; bad steering arguments get 400 and the server
+    keeps serving."""
+    from eigenpatch.patchers import Steer
+    from eigenpatch.patchers.steer_vectors import SteeringVectors, model_fingerprint
+    from eigenpatch.zoo import resolve_text
+
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    folder = tmp_path_factory.mktemp("serve-steer-request")
+    out = eigenpatch.save(model, folder / f"tiny-plain-tp{tp}", tokenizer=tiny_tokenizer)
+    g = torch.Generator().manual_seed(0)
+    vectors = SteeringVectors({i: 2.0 * torch.randn(128, generator=g) for i in (0, 1)})
+    vectors.meta["model"] = model_fingerprint(model)
+    vec = vectors.save(folder / "up.safetensors")
+    ids = tiny_tokenizer(resolve_text("news", "eval"), add_special_tokens=False)["input_ids"][:300]
+    steered_model = copy.deepcopy(model)
+    eigenpatch.patch(steered_model, Steer(vectors=str(vec), strength=1.5))
+
+    def greedy(m: torch.nn.Module) -> list[int]:
+        with torch.no_grad():
+            return m.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
+
+    expected = {"plain": greedy(model), "steered": greedy(steered_model)}
+    assert expected["plain"] != expected["steered"]  # the test can tell them apart
+    args = ("--max-model-len", "512", "--dtype", "float32", "--enable-prompt-tokens-details")
+    args += ("--tensor-parallel-size", str(tp))
+    server = Server(out, *args, "--steer", f"up={vec}", "--steer-max-strength", "4")
+    url = f"{server.url}/v1/completions"
+    base = {"model": server.name, "prompt": ids, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    base |= {"logprobs": 1, "return_tokens_as_token_ids": True}
+    steer = {"vllm_xargs": {"steer": "up", "steer_strength": 1.5}}
+    try:
+        with ThreadPoolExecutor(2) as pool:  # one batch holding both
+            together = list(pool.map(lambda extra: _post(url, {**base, **extra}), [steer, {}]))
+        again_plain = _post(url, base)
+        again_steered = _post(url, {**base, **steer})
+        zero = _post(url, {**base, "vllm_xargs": {"steer": "up", "steer_strength": 0}})
+        bad = [
+            {"steer": "down"},
+            {"steer": "up", "steer_strength": 4.5},
+            {"steer": "up", "steer_strength": "lots"},
+            {"steer_strength": 2},
+        ]
+        statuses = [_status(url, json.dumps({**base, "vllm_xargs": x}).encode()) for x in bad]
+        after = _post(url, {**base, **steer})
+    finally:
+        server.stop()
+    assert _served_tokens(together[0]) == expected["steered"]
+    assert _served_tokens(together[1]) == expected["plain"]
+    assert _served_tokens(again_plain) == expected["plain"]
+    assert _served_tokens(again_steered) == expected["steered"]
+    assert _served_tokens(zero) == expected["plain"]
+    assert _served_tokens(after) == expected["steered"]
+    cached = (again_plain["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+    assert cached, "the prefix cache was not used, so this test would not catch stale steered blocks"
+    assert statuses == [400, 400, 400, 400]
 
 
 def test_serve_refuses_a_folder_without_config(tmp_path, capsys):
