@@ -16,6 +16,11 @@ tokens (disjoint from the calibration text the subspaces come from). "Same effec
 for each restricted vector, the perplexity at the strength where its effect matches the
 unrestricted vector's (linear interpolation on the measured grid).
 
+``--throughput``: instead, vLLM's serving throughput (SmolLM2, bf16, ``--concurrency`` requests
+of ``--max-tokens`` greedy tokens at once) of a server started without vectors and of one started
+with ``--steer sentiment=...``, with 0 %, 50 % and 100 % of the requests steered; added to the same
+JSON under ``throughput``.
+
 Prints a table, writes ``bench/results/steering.json``.
 """
 
@@ -115,7 +120,13 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS / "steering.json")
+    ap.add_argument("--throughput", action="store_true", help="measure vLLM throughput instead")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.throughput:
+        return throughput(args)
 
     model, tokenizer, _ = load_model(args.model)
     layers = parse_layers(args.layers, len(decoder_layers(model)))
@@ -190,6 +201,85 @@ def main() -> None:
             **results,
         },
     )
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """Tokens/s of a server without vectors and of one with a vector, 0 / 50 / 100 % steered."""
+    import json
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_throughput import free_port
+
+    from eigenpatch.serving.launcher import serve, stop
+    from eigenpatch.zoo import resolve_model
+
+    model, tokenizer, folder = load_model(args.model)
+    layers = parse_layers(args.layers, len(decoder_layers(model)))
+    pos_text, neg_text = read_prompts(DATA / "positive.txt"), read_prompts(DATA / "negative.txt")
+    words = resolve_text("wiki", split="eval").split()
+    prompts = [" ".join(words[i * 40 : i * 40 + 32]) for i in range(args.concurrency)]
+    rows: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="eigenpatch-steer-bench-") as tmp:
+        vec = build_vectors_file(model, tokenizer, pos_text, neg_text, layers, Path(tmp) / "sentiment.safetensors")
+        del model
+        for label, steer in (("no vectors loaded", ()), ("sentiment loaded", (f"sentiment={vec}",))):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            extra = ["--dtype", "bfloat16", "--max-model-len", "1024"]
+            process = serve(resolve_model(folder), port=port, extra=extra, foreground=False, steer=steer)
+            try:
+                fractions = (0.0,) if not steer else (0.0, 0.5, 1.0)
+                for fraction in fractions:
+                    steered = round(fraction * args.concurrency)
+                    payloads = [
+                        {"model": folder.name, "prompt": p, "max_tokens": args.max_tokens, "temperature": 0.0}
+                        | {"ignore_eos": True}
+                        | ({"vllm_xargs": {"steer": "sentiment", "steer_strength": 1.0}} if i < steered else {})
+                        for i, p in enumerate(prompts)
+                    ]
+                    _request(url, payloads[0] | {"max_tokens": 8})  # warm-up
+                    best = 0.0
+                    for _ in range(args.rounds):
+                        t = time.perf_counter()
+                        with ThreadPoolExecutor(args.concurrency) as pool:
+                            tokens = sum(pool.map(_request, [url] * len(payloads), payloads))
+                        best = max(best, tokens / (time.perf_counter() - t))
+                    key = f"{label}, {fraction:.0%} steered"
+                    rows[key] = best
+                    print(f"{key}: {best:.1f} tok/s", flush=True)
+            finally:
+                stop(process)
+    base = rows["no vectors loaded, 0% steered"]
+    table = [[k, f"{v:.1f}", f"{v / base:.3f}"] for k, v in rows.items()]
+    print(format_table(["server", "tok/s", "x no vectors"], table))
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {"bench": "steering"}
+    result.pop("machine", None)
+    result["throughput"] = {
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "dtype": "bfloat16",
+        "layers": layers,
+        "tok_s": rows,
+    }
+    write_result(args.out, result)
+
+
+def _request(url: str, payload: dict[str, Any]) -> int:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        return json.loads(reply.read())["usage"]["completion_tokens"]
+
+
+def build_vectors_file(
+    model: Any, tokenizer: Any, pos: list[str], neg: list[str], layers: list[int], path: Path
+) -> Path:
+    from eigenpatch.patchers.steer_vectors import build_steering_vectors
+
+    return build_steering_vectors(model, tokenizer, pos, neg, layers, subspace="none").save(path)
 
 
 if __name__ == "__main__":

