@@ -6,7 +6,8 @@
 Vectors: ``bench/data/steer/{positive,negative}.txt`` (32 paired sentences each), mean difference
 of the sets' mean activations at each layer, then (a) unrestricted, (b) projected on the layer's
 principal subspace with Gavish-Donoho's rank, (c) projected on a fixed top-``--fixed-rank``
-subspace. Each is added at every position, times each strength.
+subspace, (d) the complement of (b): what (b) removes, i.e. the contrast along the layer's
+*low*-variance directions. Each is added at every position, times each strength.
 
 Effect: over ``NEUTRAL`` prompts (none of them in the vector's prompt sets), the mean next-token
 log-probability of held-out positive words minus that of held-out negative words (words that
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -103,9 +105,10 @@ def unsteer(model: torch.nn.Module, layers: list[int]) -> None:
 
 
 def matched_cost(rows: list[dict[str, Any]], target: float) -> float | None:
-    """Perplexity at the (interpolated) strength where ``effect`` reaches ``target``; None if never."""
-    pts = sorted((r["effect"], r["ppl"]) for r in rows)
-    for (e0, p0), (e1, p1) in itertools.pairwise(pts):
+    """Perplexity where ``effect`` first reaches ``target`` going up in strength (linear
+    interpolation between grid points); None if it never does."""
+    pts = sorted((r["strength"], r["effect"], r["ppl"]) for r in rows)
+    for (_, e0, p0), (_, e1, p1) in itertools.pairwise(pts):
         if e0 <= target <= e1 and e1 > e0:
             return p0 + (p1 - p0) * (target - e0) / (e1 - e0)
     return None
@@ -120,6 +123,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS / "steering.json")
+    ap.add_argument("--variants", nargs="+", help="only these restricted variants (spectral, complement)")
     ap.add_argument("--throughput", action="store_true", help="measure vLLM throughput instead")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -152,14 +156,23 @@ def main() -> None:
         "unrestricted": raw,
         f"spectral (Gavish-Donoho, k={'/'.join(map(str, gd_ranks))})": spectral,
         f"spectral (top {args.fixed_rank})": fixed,
+        "complement (outside the Gavish-Donoho subspace)": {L: raw[L] - spectral[L] for L in layers},
     }
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k == "unrestricted" or k.split(" (")[0] in args.variants}
     build_seconds = time.perf_counter() - start
 
     base_tilt = sentiment_tilt(model, prompts, pos_ids, neg_ids)
     base_ppl = perplexity(model, eval_ids, seq_len=512, show_progress=False).ppl
+    # a partial run (--variants) adds to the previous results and reuses their unrestricted rows
+    previous = json.loads(args.out.read_text()) if args.variants and args.out.is_file() else {}
     results: dict[str, Any] = {"base": {"tilt": base_tilt, "ppl": base_ppl}, "variants": {}}
+    results["variants"] = {k: v for k, v in previous.get("variants", {}).items() if k not in variants}
     table = [["none", "-", "-", "0", f"{base_ppl:.2f}", "-"]]
     for name, vectors in variants.items():
+        if name == "unrestricted" and name in previous.get("variants", {}):
+            results["variants"][name] = previous["variants"][name]
+            continue
         norm = sum(float(v.norm()) for v in vectors.values()) / len(vectors)
         kept = sum(float(vectors[L].norm() ** 2 / raw[L].norm() ** 2) for L in layers) / len(layers)
         rows = [{"strength": 0.0, "effect": 0.0, "ppl": base_ppl}]
@@ -198,6 +211,7 @@ def main() -> None:
             "neutral_prompts": len(NEUTRAL),
             "eval_tokens": args.eval_tokens,
             "build_seconds": round(build_seconds, 1),
+            **{k: v for k, v in previous.items() if k == "throughput"},
             **results,
         },
     )
@@ -205,7 +219,6 @@ def main() -> None:
 
 def throughput(args: argparse.Namespace) -> None:
     """Tokens/s of a server without vectors and of one with a vector, 0 / 50 / 100 % steered."""
-    import json
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
@@ -266,7 +279,6 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 def _request(url: str, payload: dict[str, Any]) -> int:
-    import json
     import urllib.request
 
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})

