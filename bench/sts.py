@@ -61,7 +61,7 @@ def build_task(n_classes: int, per_class: int, seed: int = 0) -> tuple[list[str]
     text = resolve_text("wiki", "calib") + "\n" + resolve_text("wiki", "eval")
     rng = random.Random(seed)
     titles, sentences, labels = [], [], []
-    for title, body in re.findall(r" = (.+?) = \n\n(.*?)(?=\n = |\Z)", text, flags=re.S):
+    for title, body in re.findall(r" = ([^\n]+?) = \n\n(.*?)(?=\n = |\Z)", text, flags=re.S):
         if "disambiguation" in title or title.startswith("List of") or len(titles) == n_classes:
             continue
         candidates = [s.strip() for s in re.split(r"(?<=[.!?])\s+", body.replace("\n", " "))]

@@ -69,8 +69,12 @@ def tiny_vectors(tiny_tokenizer):
     model = make_tiny("llama")
     windows = calibration_windows(tiny_tokenizer, resolve_text("news", "calib"), 16, 64)
     pos, neg = read_prompts(DATA / "positive.txt"), read_prompts(DATA / "negative.txt")
-    spectral = build_steering_vectors(model, tiny_tokenizer, pos, neg, [0, 1], calib_windows=windows)
-    raw = build_steering_vectors(model, tiny_tokenizer, pos, neg, [0, 1], subspace="none")
+    spectral = build_steering_vectors(model, tiny_tokenizer, pos, neg, [0, 1], subspace="auto", calib_windows=windows)
+    raw = build_steering_vectors(model, tiny_tokenizer, pos, neg, [0, 1])  # default: unrestricted
+    assert "subspace" not in raw.meta
+    rest = build_steering_vectors(model, tiny_tokenizer, pos, neg, [0, 1], subspace="complement", calib_windows=windows)
+    for layer in (0, 1):  # the complement is exactly what the restriction removed
+        torch.testing.assert_close(spectral.vectors[layer] + rest.vectors[layer], raw.vectors[layer], atol=1e-5, rtol=0)
     return spectral, raw
 
 
@@ -164,7 +168,8 @@ def test_steer_build_and_patch_model_cli(tiny_tokenizer, tmp_path, capsys):
     before = tree_digest(src)
     vec = tmp_path / "sent.safetensors"
     build = ["steer", "build", str(src), "--positive", str(DATA / "positive.txt"), "--negative"]
-    build += [str(DATA / "negative.txt"), "--layers", "0-1", "--calib", "news", "--calib-windows", "8", "-o", str(vec)]
+    build += [str(DATA / "negative.txt"), "--layers", "0-1", "--subspace", "auto", "--calib", "news"]
+    build += ["--calib-windows", "8", "-o", str(vec)]
     assert main([*build, "-q"]) == 0
     assert "energy kept" in capsys.readouterr().out and vec.is_file()
     assert main(["steer", "show", str(vec)]) == 0 and '"method": "mean"' in capsys.readouterr().out
