@@ -21,11 +21,10 @@ singular values with unknown noise, ``tau = omega(beta) * median(s)``, ``beta = 
 (``subspace = "auto"``), or is given (an int). ``"complement"`` keeps the other part,
 ``v - v_s`` (the contrast along the layer's low-variance directions), ``"none"`` the raw vector.
 
-Measured (``bench/steering.py``, SmolLM2 sentiment, layers 10-12): at equal effect the restricted
-vector costs *more* perplexity than the raw one (e.g. 27.9 vs 25.1 for the same tilt), the
-complement about the same (better only at the strongest settings). The contrast that moves the
-next word lives partly outside the directions of largest variance, and those are the directions
-every later layer reads most. So the default is ``"none"``; ``"auto"`` is the STS-style option.
+Measured (``bench/steering.py``, SmolLM2 sentiment, layers 10-12): at equal effect both the
+restricted vector and its complement cost *more* perplexity than the raw one (27.9 and 25.9 vs
+25.1 for the same tilt; the top-64 restriction 71.6). Neither half alone is the efficient
+direction: the raw contrast is. So the default is ``"none"``; ``"auto"`` is the STS-style option.
 
 The file is safetensors: ``layers.L`` ``[d]`` per layer, and under the metadata key
 ``eigenpatch`` a JSON record (model fingerprint, method, ranks, norms, how much of each raw
