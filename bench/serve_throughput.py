@@ -60,8 +60,10 @@ class PeakSampler(threading.Thread):
             time.sleep(0.2)
 
 
-def complete(url: str, name: str, prompt: str, max_tokens: int) -> int:
+def complete(url: str, name: str, prompt: str, max_tokens: int, **extra: Any) -> int:
+    """Completion tokens of one greedy ``ignore_eos`` request (``extra``: more body fields)."""
     payload = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    payload |= extra
     request = urllib.request.Request(
         f"{url}/v1/completions", json.dumps(payload).encode(), {"Content-Type": "application/json"}
     )

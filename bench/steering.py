@@ -42,6 +42,7 @@ from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.hf_io import load_model
 from eigenpatch.interventions import HiddenShift, attach, decoder_layers, detach
 from eigenpatch.patchers.steer_vectors import (
+    build_steering_vectors,
     contrast_direction,
     parse_layers,
     principal_subspaces,
@@ -222,7 +223,7 @@ def throughput(args: argparse.Namespace) -> None:
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    from serve_throughput import free_port
+    from serve_throughput import complete, free_port
 
     from eigenpatch.serving.launcher import serve, stop
     from eigenpatch.zoo import resolve_model
@@ -234,29 +235,30 @@ def throughput(args: argparse.Namespace) -> None:
     prompts = [" ".join(words[i * 40 : i * 40 + 32]) for i in range(args.concurrency)]
     rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="eigenpatch-steer-bench-") as tmp:
-        vec = build_vectors_file(model, tokenizer, pos_text, neg_text, layers, Path(tmp) / "sentiment.safetensors")
+        vectors = build_steering_vectors(model, tokenizer, pos_text, neg_text, layers)
+        vec = vectors.save(Path(tmp) / "sentiment.safetensors")
         del model
         for label, steer in (("no vectors loaded", ()), ("sentiment loaded", (f"sentiment={vec}",))):
             port = free_port()
-            url = f"http://127.0.0.1:{port}/v1/completions"
+            url = f"http://127.0.0.1:{port}"
             extra = ["--dtype", "bfloat16", "--max-model-len", "1024"]
             process = serve(resolve_model(folder), port=port, extra=extra, foreground=False, steer=steer)
             try:
                 fractions = (0.0,) if not steer else (0.0, 0.5, 1.0)
                 for fraction in fractions:
                     steered = round(fraction * args.concurrency)
-                    payloads = [
-                        {"model": folder.name, "prompt": p, "max_tokens": args.max_tokens, "temperature": 0.0}
-                        | {"ignore_eos": True}
-                        | ({"vllm_xargs": {"steer": "sentiment", "steer_strength": 1.0}} if i < steered else {})
-                        for i, p in enumerate(prompts)
-                    ]
-                    _request(url, payloads[0] | {"max_tokens": 8})  # warm-up
+                    steer_args = {"vllm_xargs": {"steer": "sentiment", "steer_strength": 1.0}}
+                    extras = [steer_args if i < steered else {} for i in range(len(prompts))]
+
+                    def one(i: int, url: str = url, extras: list[dict] = extras) -> int:
+                        return complete(url, folder.name, prompts[i], args.max_tokens, **extras[i])
+
+                    complete(url, folder.name, prompts[0], 8, **extras[0])  # warm-up
                     best = 0.0
                     for _ in range(args.rounds):
                         t = time.perf_counter()
                         with ThreadPoolExecutor(args.concurrency) as pool:
-                            tokens = sum(pool.map(_request, [url] * len(payloads), payloads))
+                            tokens = sum(pool.map(one, range(len(prompts))))
                         best = max(best, tokens / (time.perf_counter() - t))
                     key = f"{label}, {fraction:.0%} steered"
                     rows[key] = best
@@ -276,22 +278,6 @@ def throughput(args: argparse.Namespace) -> None:
         "tok_s": rows,
     }
     write_result(args.out, result)
-
-
-def _request(url: str, payload: dict[str, Any]) -> int:
-    import urllib.request
-
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as reply:
-        return json.loads(reply.read())["usage"]["completion_tokens"]
-
-
-def build_vectors_file(
-    model: Any, tokenizer: Any, pos: list[str], neg: list[str], layers: list[int], path: Path
-) -> Path:
-    from eigenpatch.patchers.steer_vectors import build_steering_vectors
-
-    return build_steering_vectors(model, tokenizer, pos, neg, layers, subspace="none").save(path)
 
 
 if __name__ == "__main__":

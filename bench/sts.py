@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from results_io import RESULTS, peak_rss_bytes, reset_peak_rss, write_result
+from results_io import RESULTS, peak_rss_bytes, reset_peak_rss, rss_bytes, write_result
 
 from eigenpatch.patchers.sts import STS, confident_views, spectral_basis, steer_predict
 from eigenpatch.patchers.sts_encoders import SentenceEncoder
@@ -124,7 +124,7 @@ def adapt(
 ) -> tuple[torch.Tensor, float, int]:
     """Probabilities, seconds and added peak memory of one method on pre-encoded views ``[N, V, D]``
     (the label prompts are encoded inside: the prompt method re-encodes them anyway)."""
-    rss_before = _rss()
+    rss_before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
     prototypes = encoder.encode_labels(titles)
@@ -161,13 +161,6 @@ def learned_numbers(method: str, titles: list[str], config: STS, rank: int, enco
         return len(titles) * dim
     if method == "prompt":
         return len(encoder.tokenizer(TEMPLATE.split("{}")[0].strip(), add_special_tokens=False)["input_ids"]) * dim
-    return 0
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
     return 0
 
 

@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -79,8 +79,6 @@ def _fingerprint(weight: torch.Tensor, n_layers: int) -> str:
 def folder_fingerprint(folder: str | os.PathLike, n_layers: int) -> str | None:
     """:func:`model_fingerprint` of a saved checkpoint, read from its safetensors without loading
     the model (None when no ``*embed_tokens.weight`` tensor is found)."""
-    from safetensors import safe_open
-
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             names = [k for k in f.keys() if k.endswith("embed_tokens.weight")]  # noqa: SIM118 (not a dict)
@@ -254,11 +252,9 @@ class SteeringVectors:
         if not p.is_file():
             raise UsageError(f"steering vector file {p} does not exist")
         try:
-            tensors = load_file(str(p))
-            from safetensors import safe_open
-
-            with safe_open(str(p), "pt") as f:
+            with safe_open(str(p), "pt") as f:  # one pass: metadata and tensors
                 raw = (f.metadata() or {}).get("eigenpatch")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
         except (SafetensorError, OSError) as exc:
             raise UsageError(f"{p} is not a safetensors file: {exc}") from None
         meta = json.loads(raw) if raw else {}

@@ -153,12 +153,12 @@ def _spans(runner: Any) -> list[tuple[int, int, str, float]]:
     if n == 0:
         return []
     bounds = runner.query_start_loc.cpu[: n + 1].tolist()
-    limit = max_strength()
     spans = []
     for i, req_id in enumerate(batch.req_ids[:n]):
         state = runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
-        chosen = requested_steering(getattr(params, "extra_args", None), _ROUTER.index, limit)
+        # admission already checked the strength; here only name -> row (no env read per step)
+        chosen = requested_steering(getattr(params, "extra_args", None), _ROUTER.index, math.inf)
         if chosen is not None:
             spans.append((bounds[i], bounds[i + 1], *chosen))
     return spans
