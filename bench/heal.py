@@ -7,9 +7,11 @@ Modes: ``lrc-kd`` (the default of ``--heal``: factor pairs only, distilled from 
 ``lrc-lm`` (factor pairs only, next-token loss), ``full-kd`` (every parameter, the full
 fine-tuning baseline). Each mode starts from the same checkpoint, trains to the largest step
 count and is evaluated on the way (wiki and news eval splits, 4,096 tokens each, never trained
-on); training time excludes evaluation. Peak RSS is the process's during training (reset before
+on); training time excludes evaluation. The learning-rate schedule spans the largest step count, so a
+row at 300 steps of a 1,000-step run (shown as ``300/1000``) is not what ``--heal 300`` gives; rows
+are kept per (mode, schedule length). Peak RSS is the process's during training (reset before
 each mode). Prints a table and writes ``bench/results/heal.json``, one entry per checkpoint: a
-run replaces the rows of the modes it ran and keeps the others, so a long grid can be measured
+run replaces the rows of the (mode, schedule) pairs it ran and keeps the others, so a long grid can be measured
 in pieces (every run re-evaluates the unhealed model; it is deterministic).
 """
 
@@ -72,7 +74,8 @@ def main() -> None:
             nonlocal eval_seconds
             if step in checkpoints:
                 t = time.perf_counter()
-                rows.append({"mode": mode, "steps": step, "ppl": evaluate(model, ids)})
+                row = {"mode": mode, "steps": step, "schedule": checkpoints[-1], "ppl": evaluate(model, ids)}
+                rows.append(row)
                 eval_seconds += time.perf_counter() - t
                 print(f"{mode} step {step}: {rows[-1]['ppl']}", flush=True)
 
@@ -90,7 +93,7 @@ def main() -> None:
         result = apply_heal(student, config, context).details
         seconds = time.perf_counter() - start - eval_seconds
         for row in rows:
-            if row["mode"] == mode:
+            if row["mode"] == mode and row.get("schedule") == checkpoints[-1]:
                 row.update(
                     {
                         "train_seconds_total": round(seconds, 1),
@@ -101,7 +104,8 @@ def main() -> None:
                     }
                 )
         del student
-        save_rows(args, rows, unhealed, dense, done=args.modes[: args.modes.index(mode) + 1])
+        done = {(m, checkpoints[-1]) for m in args.modes[: args.modes.index(mode) + 1]}
+        save_rows(args, rows, unhealed, dense, done=done)
 
 
 def save_rows(
@@ -109,7 +113,7 @@ def save_rows(
     rows: list[dict[str, Any]],
     unhealed: dict[str, float],
     dense: dict[str, float],
-    done: list[str],
+    done: set[tuple[str, int]],
 ) -> None:
     """Merge the modes measured so far into the checkpoint's entry and write the JSON (after every
     mode, so an interrupted grid keeps what it finished)."""
@@ -120,9 +124,12 @@ def save_rows(
     previous = runs.get(name, {})
     rows = list(rows)
     if previous.get("settings") == settings:  # keep the modes this run has not measured
-        rows = [r for r in previous["rows"] if r["mode"] not in {"unhealed", *done}] + rows
+        old = [r for r in previous["rows"] if r["mode"] != "unhealed"]
+        rows = [r for r in old if (r["mode"], schedule(r, previous)) not in done] + rows
     rows = [r for r in rows if r["mode"] == "unhealed" or "train_seconds_total" in r]  # finished modes only
-    rows.sort(key=lambda r: (r["mode"] != "unhealed", r["mode"], r["steps"]))
+    for row in rows:
+        row.setdefault("schedule", row["steps"])  # the unhealed row; earlier files: set by schedule()
+    rows.sort(key=lambda r: (r["mode"] != "unhealed", r["mode"], r["schedule"], r["steps"]))
     for row in rows:
         row["gap_closed"] = {
             t: (unhealed[t] - row["ppl"][t]) / (unhealed[t] - dense[t]) if unhealed[t] != dense[t] else 0.0
@@ -138,11 +145,20 @@ HEADERS = ["mode", "steps", "ppl wiki", "ppl news", "gap closed w/n", "train s (
 HEADERS += ["trainable", "peak RSS"]
 
 
+def schedule(row: dict[str, Any], entry: dict[str, Any]) -> int:
+    """A row's schedule length; rows written before it was recorded come from runs that trained to
+    their mode's largest step count."""
+    if "schedule" not in row:
+        row["schedule"] = max(r["steps"] for r in entry["rows"] if r["mode"] == row["mode"])
+    return row["schedule"]
+
+
 def table_row(row: dict[str, Any]) -> list[Any]:
     gaps = row["gap_closed"]
+    steps = row["steps"] if row["steps"] == row["schedule"] else f"{row['steps']}/{row['schedule']}"
     return [
         row["mode"],
-        row["steps"],
+        steps,
         fmt_float(row["ppl"]["wiki"]),
         fmt_float(row["ppl"]["news"]),
         f"{gaps['wiki']:.0%} / {gaps['news']:.0%}",

@@ -1,14 +1,18 @@
 """STS on a real text encoder: zero-shot topic classification of Wikipedia sentences, clean and shifted.
 
-    python bench/sts.py                         # 40 topics x 5 sentences, 5 seeds (about 10 min on 2 cores)
-    python bench/sts.py --lr 0.05 --seeds 3
+    python bench/sts.py                         # 40 topics x 5 sentences, 3 seeds (about 30 min on 2 cores)
+    python bench/sts.py --splits context --methods zero-shot sts --seeds 5
 
 Task (built offline from the ``wiki`` text, calibration and eval articles alike: nothing is trained):
 each of ``--classes`` articles is a class named by its title; inputs are ``--per-class`` sentences of
 at least 8 words from its body; a prediction is correct when the sentence is matched to its own
-article's title (label prompt: ``"This text is about {title}."``). The **shifted** split is the same
-sentences truncated to their first 8 words, lower-cased, with 8 % of the letters replaced at random:
-what a noisy front end (OCR, ASR, a phone keyboard) hands a classifier.
+article's title (label prompt: ``"This text is about {title}."``). Two shifted splits of the same
+sentences:
+
+- **noisy**: truncated to their first 8 words, lower-cased, 8 % of the letters replaced at random
+  (what a noisy front end — OCR, ASR, a phone keyboard — hands a classifier);
+- **context**: each sentence between two unrelated sentences of the ``news`` eval text (what a
+  scraper hands it: the relevant sentence inside surrounding page text).
 
 Encoder: all-MiniLM-L6-v2 (zoo ``minilm-l6``), frozen. Methods, all with the same 64 views (word
 crops and drops), confidence filter (10 %), loss (entropy of the kept views' mean prediction),
@@ -25,17 +29,20 @@ separates what the test-time *augmentation* buys from what the *steering* buys.
 
 Per method: accuracy per seed (views differ by seed), mean, the margin over zero-shot with a 95 %
 t-interval over seeds; the adaptation time per sample (label prompts and optimization, on views
-encoded once per seed and shared) and the total with the view encoding; the peak memory the
-adaptation adds over the loaded encoder (VmHWM reset before each method; Linux; allocations of a few
-MiB come from memory the process already holds, so small methods read ~0) and the exact number of
-values optimized per sample (AdamW holds three more of each). ``--extra-lr``: ``sts`` and ``full``
-again at a larger learning rate, since one AdamW step of 5e-3 moves each coefficient by at most 5e-3.
-Prints a table, writes ``bench/results/sts.json``.
+encoded once per seed and shared) and the total with the view encoding; the adaptation's memory
+per sample: the bytes of the tensors autograd saves for the backward pass (counted by a
+``saved_tensors_hooks`` pack hook) plus AdamW's working set (16 bytes per learned number: value,
+gradient, two moments) — process RSS cannot resolve allocations of a few MiB; and the exact number
+of values optimized per sample. ``--extra-lr``: ``sts`` and ``full`` again at a larger learning
+rate, since one AdamW step of 5e-3 moves each coefficient by at most 5e-3. Prints a table, writes
+``bench/results/sts.json``; a run replaces the (split, method) entries it measured and keeps the
+others (``--splits`` / ``--methods`` measure a part of the grid).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import statistics
@@ -45,7 +52,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from results_io import RESULTS, peak_rss_bytes, reset_peak_rss, rss_bytes, write_result
+from results_io import RESULTS, write_result
 
 from eigenpatch.patchers.sts import STS, confident_views, spectral_basis, steer_predict
 from eigenpatch.patchers.sts_encoders import SentenceEncoder
@@ -75,7 +82,17 @@ def build_task(n_classes: int, per_class: int, seed: int = 0) -> tuple[list[str]
     return titles, sentences, labels
 
 
-def shift(sentence: str, rng: random.Random, words: int = 8, noise: float = 0.08) -> str:
+def in_context(sentence: str, rng: random.Random, others: list[str]) -> str:
+    """``sentence`` between two random sentences of ``others``."""
+    return f"{rng.choice(others)} {sentence} {rng.choice(others)}"
+
+
+def news_sentences() -> list[str]:
+    text = resolve_text("news", "eval").replace("\n", " ")
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 8 <= len(s.split()) <= 30]
+
+
+def noisy(sentence: str, rng: random.Random, words: int = 8, noise: float = 0.08) -> str:
     chars = list(" ".join(sentence.split()[:words]).lower())
     for i, c in enumerate(chars):
         if c.isalpha() and rng.random() < noise:
@@ -119,13 +136,35 @@ def prompt_tuning(encoder: SentenceEncoder, views: torch.Tensor, titles: list[st
     return torch.stack(out)
 
 
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward (each storage once) while active."""
+
+    def __init__(self) -> None:
+        self.bytes, self._seen = 0, set()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += key[1]
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
 def adapt(
     method: str, encoder: SentenceEncoder, views: torch.Tensor, titles: list[str], config: STS
 ) -> tuple[torch.Tensor, float, int]:
-    """Probabilities, seconds and added peak memory of one method on pre-encoded views ``[N, V, D]``
-    (the label prompts are encoded inside: the prompt method re-encodes them anyway)."""
-    rss_before = rss_bytes()
-    reset_peak_rss()
+    """Probabilities, seconds and the largest autograd-saved bytes of a 32-input chunk for one method
+    on pre-encoded views ``[N, V, D]`` (the label prompts are encoded inside: the prompt method
+    re-encodes them anyway)."""
+    saved = 0
     start = time.perf_counter()
     prototypes = encoder.encode_labels(titles)
     scale = config.logit_scale or encoder.logit_scale
@@ -135,13 +174,15 @@ def adapt(
     out = []
     for i in range(0, len(views), 32):
         chunk = views[i : i + 32]
-        if method == "prompt":
-            with torch.inference_mode(False):
-                out.append(prompt_tuning(encoder, chunk.clone(), titles, config))
-        else:
-            out.append(steer_predict(chunk, prototypes, config, scale, method, basis))
+        with SavedBytes() as counter:
+            if method == "prompt":
+                with torch.inference_mode(False):
+                    out.append(prompt_tuning(encoder, chunk.clone(), titles, config))
+            else:
+                out.append(steer_predict(chunk, prototypes, config, scale, method, basis))
+        saved = max(saved, counter.bytes // len(chunk))
     seconds = time.perf_counter() - start
-    return torch.cat(out), seconds, max(0, peak_rss_bytes() - rss_before)
+    return torch.cat(out), seconds, saved
 
 
 def encode_views(encoder: SentenceEncoder, inputs: list[str], n_views: int, seed: int) -> tuple[torch.Tensor, float]:
@@ -164,89 +205,108 @@ def learned_numbers(method: str, titles: list[str], config: STS, rank: int, enco
     return 0
 
 
+SPLITS = ("clean", "noisy", "context")
+METHODS = ["zero-shot", "views only", "sts", "full", "prompt"]
+
+
+def build_splits(sentences: list[str]) -> dict[str, list[str]]:
+    rng = random.Random(0)
+    news = news_sentences()
+    return {
+        "clean": sentences,
+        "noisy": [noisy(s, rng) for s in sentences],
+        "context": [in_context(s, rng, news) for s in sentences],
+    }
+
+
+def measure(
+    args: argparse.Namespace, encoder: SentenceEncoder, titles: list[str], inputs: list[str], target: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Every method on one split, every seed: accuracy, seconds, memory per sample."""
+    rank = spectral_basis(encoder.encode_labels(titles)).shape[1]
+    results: dict[str, dict[str, Any]] = {}
+    one_view, zs_view_seconds = encode_views(encoder, inputs, 1, 0)
+    for seed in range(args.seeds):
+        config = STS(views=args.views, lr=args.lr, reg=args.reg, seed=seed)
+        views, view_seconds = encode_views(encoder, inputs, args.views, seed)
+        for method in args.methods + [f"{m} (lr {args.extra_lr:g})" for m in ("sts", "full") if args.extra_lr]:
+            if (method == "zero-shot" and seed > 0) or (method == "prompt" and seed >= args.prompt_seeds):
+                continue  # zero-shot is deterministic (view 0); prompt tuning is slow
+            name, _, lr = method.partition(" (lr ")
+            run_config = STS(views=args.views, lr=float(lr[:-1]), reg=args.reg, seed=seed) if lr else config
+            zero_shot = method == "zero-shot"
+            probs, seconds, saved = adapt(name, encoder, one_view if zero_shot else views, titles, run_config)
+            entry = results.setdefault(method, {"acc": [], "adapt_s": [], "views_s": []})
+            entry["acc"].append(float((probs.argmax(-1) == target).float().mean()))
+            entry["adapt_s"].append(seconds / len(inputs))
+            entry["views_s"].append((zs_view_seconds if zero_shot else view_seconds) / len(inputs))
+            entry["learned_per_sample"] = learned = learned_numbers(name, titles, run_config, rank, encoder)
+            entry["memory_per_sample"] = max(entry.get("memory_per_sample", 0), saved + 16 * learned)
+            print(f"{method} seed {seed}: acc {entry['acc'][-1]:.4f}", flush=True)
+    zs = results["zero-shot"]["acc"][0] if "zero-shot" in results else None
+    for method, r in results.items():
+        if zs is not None and method != "zero-shot" and len(r["acc"]) > 1:
+            diffs = [a - zs for a in r["acc"]]
+            half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            r["margin_vs_zero_shot"] = {"mean": statistics.mean(diffs), "ci95_half_width": half}
+    return results
+
+
+def table_row(split: str, method: str, r: dict[str, Any]) -> list[str]:
+    margin = r.get("margin_vs_zero_shot")
+    adapt_ms = 1e3 * statistics.median(r["adapt_s"])
+    return [
+        split,
+        method,
+        f"{100 * statistics.mean(r['acc']):.2f}",
+        f"{100 * margin['mean']:+.2f} ± {100 * margin['ci95_half_width']:.2f}" if margin else "-",
+        f"{adapt_ms:.2f}",
+        f"{adapt_ms + 1e3 * statistics.median(r['views_s']):.1f}",
+        f"{r['learned_per_sample']:,}",
+        f"{r['memory_per_sample'] / 2**10:,.1f}",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classes", type=int, default=40)
     ap.add_argument("--per-class", type=int, default=5)
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--views", type=int, default=STS.views)
     ap.add_argument("--lr", type=float, default=STS.lr)
     ap.add_argument("--reg", type=float, default=STS.reg)
     ap.add_argument("--prompt-seeds", type=int, default=1, help="seeds for the (slow) prompt-tuning baseline")
     ap.add_argument("--extra-lr", type=float, default=0.1, help="also run sts and full at this lr (0: not)")
-    ap.add_argument("--methods", nargs="+", default=["zero-shot", "views only", "sts", "full", "prompt"])
+    ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--out", type=Path, default=RESULTS / "sts.json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
 
     titles, sentences, labels = build_task(args.classes, args.per_class)
-    rng = random.Random(0)
-    splits = {"clean": sentences, "shifted": [shift(s, rng) for s in sentences]}
-    target = torch.tensor(labels)
     encoder = SentenceEncoder.load("minilm-l6", template=TEMPLATE)
     for p in encoder.model.parameters():
         p.requires_grad_(False)
     rank = spectral_basis(encoder.encode_labels(titles)).shape[1]
     print(f"{len(titles)} classes, {len(sentences)} sentences per split; Gavish-Donoho rank of the prototypes: {rank}")
-    results: dict[str, Any] = {}
-    for split, inputs in splits.items():
-        for seed in range(args.seeds):
-            config = STS(views=args.views, lr=args.lr, reg=args.reg, seed=seed)
-            views, view_seconds = encode_views(encoder, inputs, args.views, seed)
-            for method in args.methods + [f"{m} (lr {args.extra_lr:g})" for m in ("sts", "full") if args.extra_lr]:
-                if (method == "zero-shot" and seed > 0) or (method == "prompt" and seed >= args.prompt_seeds):
-                    continue  # zero-shot is deterministic (view 0); prompt tuning is slow
-                name, _, lr = method.partition(" (lr ")
-                run_config = STS(views=args.views, lr=float(lr[:-1]), reg=args.reg, seed=seed) if lr else config
-                if method == "zero-shot":
-                    one_view, view_seconds_zs = encode_views(encoder, inputs, 1, seed)
-                inputs_views = one_view if method == "zero-shot" else views
-                probs, seconds, memory = adapt(name, encoder, inputs_views, titles, run_config)
-                entry = results.setdefault(f"{split}/{method}", {"acc": [], "adapt_s": [], "views_s": [], "peak": []})
-                entry["acc"].append(float((probs.argmax(-1) == target).float().mean()))
-                entry["adapt_s"].append(seconds / len(inputs))
-                entry["views_s"].append((view_seconds_zs if method == "zero-shot" else view_seconds) / len(inputs))
-                entry["learned_per_sample"] = learned_numbers(name, titles, run_config, rank, encoder)
-                entry["peak"].append(memory)
-                print(f"{split} {method} seed {seed}: acc {entry['acc'][-1]:.4f}", flush=True)
-    table = []
-    for key, r in results.items():
-        split, method = key.split("/")
-        zs = results[f"{split}/zero-shot"]["acc"][0] if f"{split}/zero-shot" in results else None
-        margin = "-"
-        if zs is not None and method != "zero-shot" and len(r["acc"]) > 1:
-            diffs = [a - zs for a in r["acc"]]
-            half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
-            r["margin_vs_zero_shot"] = {"mean": statistics.mean(diffs), "ci95_half_width": half}
-            margin = f"{100 * statistics.mean(diffs):+.2f} ± {100 * half:.2f}"
-        table.append(
-            [
-                split,
-                method,
-                f"{100 * statistics.mean(r['acc']):.2f}",
-                margin,
-                f"{1e3 * statistics.median(r['adapt_s']):.2f}",
-                f"{1e3 * (statistics.median(r['adapt_s']) + statistics.median(r['views_s'])):.1f}",
-                f"{r['learned_per_sample']:,}",
-                f"{max(r['peak']) / 2**20:.1f}",
-            ]
+    settings = {"views": args.views, "keep": STS.keep, "lr": args.lr, "steps": STS.steps, "reg": args.reg}
+    settings.update(classes=len(titles), sentences=len(sentences), seeds=args.seeds)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = previous.get("results", {}) if previous.get("settings") == settings else {}
+    all_splits = build_splits(sentences)
+    for split in args.splits:
+        print(f"== {split}", flush=True)
+        measured = measure(args, encoder, titles, all_splits[split], torch.tensor(labels))
+        results.update({f"{split}/{method}": r for method, r in measured.items()})
+        write_result(
+            args.out,
+            {"bench": "sts", "encoder": "all-MiniLM-L6-v2", "prototype_rank": rank, "settings": settings}
+            | {"examples": {k: v[0] for k, v in all_splits.items()}, "results": results},
         )
+    by_split = sorted(results.items(), key=lambda kv: SPLITS.index(kv[0].split("/")[0]))  # stable: method order
+    rows = [table_row(*key.split("/"), r) for key, r in by_split]
     headers = ["split", "method", "acc %", "vs zero-shot (pts, 95% CI)", "adapt ms/sample", "total ms/sample"]
-    headers += ["learned/sample", "peak RSS +MiB"]
-    print(format_table(headers, table))
-    write_result(
-        args.out,
-        {
-            "bench": "sts",
-            "encoder": "all-MiniLM-L6-v2",
-            "classes": len(titles),
-            "sentences": len(sentences),
-            "prototype_rank": rank,
-            "settings": {"views": args.views, "keep": STS.keep, "lr": args.lr, "steps": STS.steps, "reg": args.reg},
-            "seeds": args.seeds,
-            "results": results,
-        },
-    )
+    print(format_table([*headers, "learned/sample", "adapt memory KiB/sample"], rows))
 
 
 if __name__ == "__main__":

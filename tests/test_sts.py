@@ -50,6 +50,22 @@ def test_the_steering_step_lowers_the_objective():
     torch.testing.assert_close(zero, (scale * kept @ protos.T).softmax(-1).mean(1))
 
 
+def test_factored_logits_equal_the_materialized_shifted_prototypes():
+    """The STS step never forms ``normalize(z_c + B γ)``; its logits must equal doing so (any basis)."""
+    from eigenpatch.patchers.sts import _Factored, _mean_probs
+
+    g = torch.Generator().manual_seed(2)
+    n, m, c, d, k = 3, 5, 7, 24, 4
+    views = F.normalize(torch.randn(n, m, d, generator=g), dim=-1)
+    protos = torch.randn(c, d, generator=g)  # not normalized
+    basis = torch.randn(d, k, generator=g)  # not orthonormal
+    gamma = torch.randn(n, k, generator=g)
+    shifted = protos + (gamma @ basis.T)[:, None, :]
+    factored = _Factored(views, protos, basis)
+    torch.testing.assert_close(factored.mean_probs(gamma, 9.0), _mean_probs(views, shifted, 9.0))
+    torch.testing.assert_close(factored.shift_norm(gamma), (gamma @ basis.T).norm(dim=-1))
+
+
 def test_config_errors_are_clear():
     with pytest.raises(UsageError, match="keep"):
         STS(keep=0)
