@@ -125,10 +125,10 @@ def save_rows(
     rows = list(rows)
     if previous.get("settings") == settings:  # keep the modes this run has not measured
         old = [r for r in previous["rows"] if r["mode"] != "unhealed"]
-        rows = [r for r in old if (r["mode"], schedule(r, previous)) not in done] + rows
+        rows = [r for r in old if (r["mode"], r["schedule"]) not in done] + rows
     rows = [r for r in rows if r["mode"] == "unhealed" or "train_seconds_total" in r]  # finished modes only
     for row in rows:
-        row.setdefault("schedule", row["steps"])  # the unhealed row; earlier files: set by schedule()
+        row.setdefault("schedule", 0)  # the unhealed row
     rows.sort(key=lambda r: (r["mode"] != "unhealed", r["mode"], r["schedule"], r["steps"]))
     for row in rows:
         row["gap_closed"] = {
@@ -175,10 +175,14 @@ def load_runs(path: Path) -> dict[str, Any]:
         return {}
     data = json.loads(path.read_text())
     if "runs" in data:
-        return data["runs"]
-    keys = ("teacher", "lr", "batch", "seq_len", "eval_tokens")
-    settings = {k: data[k] for k in keys}
-    return {data["checkpoint"]: {"settings": settings, "dense_ppl": data["dense_ppl"], "rows": data["rows"]}}
+        runs = data["runs"]
+    else:
+        settings = {k: data[k] for k in ("teacher", "lr", "batch", "seq_len", "eval_tokens")}
+        runs = {data["checkpoint"]: {"settings": settings, "dense_ppl": data["dense_ppl"], "rows": data["rows"]}}
+    for entry in runs.values():
+        for row in entry["rows"]:
+            row["schedule"] = 0 if row["mode"] == "unhealed" else schedule(row, entry)
+    return runs
 
 
 if __name__ == "__main__":
