@@ -30,14 +30,14 @@ separates what the test-time *augmentation* buys from what the *steering* buys.
 Per method: accuracy per seed (views differ by seed), mean, the margin over zero-shot with a 95 %
 t-interval over seeds; the adaptation time per sample (view filtering, optimization and prediction
 on views encoded once per seed and shared; label prompts and the basis are per label set, not
-timed) and the total with the view encoding; the adaptation's memory
-per sample: the bytes of the tensors autograd saves for the backward pass (counted by a
-``saved_tensors_hooks`` pack hook) plus AdamW's working set (16 bytes per learned number: value,
-gradient, two moments) — process RSS cannot resolve allocations of a few MiB; and the exact number
-of values optimized per sample. ``--extra-lr``: ``sts`` and ``full`` again at a larger learning
-rate, since one AdamW step of 5e-3 moves each coefficient by at most 5e-3. Prints a table, writes
-``bench/results/sts.json``; a run replaces the (split, method) entries it measured and keeps the
-others (``--splits`` / ``--methods`` measure a part of the grid).
+timed) and the total with the view encoding; the adaptation's memory per sample: the bytes of the
+tensors autograd saves for the backward pass (counted by a ``saved_tensors_hooks`` pack hook) plus
+AdamW's working set (16 bytes per learned number: value, gradient, two moments) — process RSS
+cannot resolve allocations of a few KiB; and the exact number of values optimized per sample.
+``--extra-lr``: ``sts`` and ``full`` again at a larger learning rate, since one AdamW step of 5e-3
+moves each coefficient by at most 5e-3. Prints a table, writes ``bench/results/sts.json``; a run
+replaces the (split, method) entries it measured and keeps the others (``--splits`` /
+``--methods`` measure a part of the grid).
 """
 
 from __future__ import annotations
