@@ -67,15 +67,14 @@ def main() -> None:
         student, _, _ = load_model(args.checkpoint)
         if unhealed is None:
             unhealed = evaluate(student, ids)
-            rows.append({"mode": "unhealed", "steps": 0, "ppl": unhealed})
+            rows.append({"mode": "unhealed", "steps": 0, "schedule": 0, "ppl": unhealed})
         eval_seconds = 0.0
 
         def on_step(_: str, step: int, model: torch.nn.Module, mode: str = mode) -> None:
             nonlocal eval_seconds
             if step in checkpoints:
                 t = time.perf_counter()
-                row = {"mode": mode, "steps": step, "schedule": checkpoints[-1], "ppl": evaluate(model, ids)}
-                rows.append(row)
+                rows.append({"mode": mode, "steps": step, "schedule": checkpoints[-1], "ppl": evaluate(model, ids)})
                 eval_seconds += time.perf_counter() - t
                 print(f"{mode} step {step}: {rows[-1]['ppl']}", flush=True)
 
@@ -93,7 +92,7 @@ def main() -> None:
         result = apply_heal(student, config, context).details
         seconds = time.perf_counter() - start - eval_seconds
         for row in rows:
-            if row["mode"] == mode and row.get("schedule") == checkpoints[-1]:
+            if row["mode"] == mode and row["schedule"] == checkpoints[-1]:
                 row.update(
                     {
                         "train_seconds_total": round(seconds, 1),
@@ -127,8 +126,6 @@ def save_rows(
         old = [r for r in previous["rows"] if r["mode"] != "unhealed"]
         rows = [r for r in old if (r["mode"], r["schedule"]) not in done] + rows
     rows = [r for r in rows if r["mode"] == "unhealed" or "train_seconds_total" in r]  # finished modes only
-    for row in rows:
-        row.setdefault("schedule", 0)  # the unhealed row
     rows.sort(key=lambda r: (r["mode"] != "unhealed", r["mode"], r["schedule"], r["steps"]))
     for row in rows:
         row["gap_closed"] = {

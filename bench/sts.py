@@ -227,10 +227,14 @@ def build_splits(sentences: list[str]) -> dict[str, list[str]]:
 
 
 def measure(
-    args: argparse.Namespace, encoder: SentenceEncoder, titles: list[str], inputs: list[str], target: torch.Tensor
+    args: argparse.Namespace,
+    encoder: SentenceEncoder,
+    titles: list[str],
+    prototypes: torch.Tensor,
+    inputs: list[str],
+    target: torch.Tensor,
 ) -> dict[str, dict[str, Any]]:
     """Every method on one split, every seed: accuracy, seconds, memory per sample."""
-    prototypes = encoder.encode_labels(titles)
     basis = spectral_basis(prototypes)
     rank = basis.shape[1]
     results: dict[str, dict[str, Any]] = {}
@@ -297,7 +301,8 @@ def main() -> None:
     encoder = SentenceEncoder.load("minilm-l6", template=TEMPLATE)
     for p in encoder.model.parameters():
         p.requires_grad_(False)
-    rank = spectral_basis(encoder.encode_labels(titles)).shape[1]
+    prototypes = encoder.encode_labels(titles)  # once: every split and method shares them
+    rank = spectral_basis(prototypes).shape[1]
     print(f"{len(titles)} classes, {len(sentences)} sentences per split; Gavish-Donoho rank of the prototypes: {rank}")
     settings = {"views": args.views, "keep": STS.keep, "lr": args.lr, "steps": STS.steps, "reg": args.reg}
     settings.update(classes=len(titles), sentences=len(sentences), seeds=args.seeds)
@@ -306,7 +311,7 @@ def main() -> None:
     all_splits = build_splits(sentences)
     for split in args.splits:
         print(f"== {split}", flush=True)
-        measured = measure(args, encoder, titles, all_splits[split], torch.tensor(labels))
+        measured = measure(args, encoder, titles, prototypes, all_splits[split], torch.tensor(labels))
         results.update({f"{split}/{method}": r for method, r in measured.items()})
         write_result(
             args.out,
