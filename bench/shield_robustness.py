@@ -11,15 +11,17 @@ pair is broken when, at some PGD step, every target token is the argmax given th
 wiki *eval* text (the shield is calibrated on the disjoint calib split); a target comes from a
 different place than its prompt, so it is not the natural continuation.
 
-Defences, each fitted once: EigenShield at each ``--sites`` in both modes (``drop``: remove the
-correlational spikes; ``keep``: keep only the causal spikes), and for each of them a random
-subspace of the same dimension (same standardization, same mode) as the naive baseline.
+Defences, each fitted once: EigenShield at each ``--sites`` for each of ``--settings``
+(``MODE:CANDIDATES:QUANTILE``; ``drop`` removes the correlational candidates, ``keep`` keeps only
+the causal ones; candidates are the ``spikes`` above the Marchenko-Pastur bulk or the ``outliers``,
+spikes and deficits below it), and for each of them a random subspace of the same dimension (same
+standardization, same mode) as the naive baseline.
 
 Reported per budget and defence: the *transfer* attack success rate (suffixes optimized on the
 undefended model, as a defence-unaware attacker would) and the *adaptive* one (PGD through the
 projection). Clean cost of each defence: wiki and news perplexity (4,096 eval tokens each) and
 top-1 agreement with the undefended model (teacher-forced next-token argmax on 1,024 news tokens).
-Defences that raise wiki perplexity more than 10x are not attacked adaptively (not deployable).
+Defences that raise wiki perplexity more than 2x are not attacked adaptively (not deployable).
 Prints tables, writes ``bench/results/shield_robustness.json``.
 """
 
@@ -133,8 +135,12 @@ def main() -> None:
         type=float,
         help="budgets at which to also run PGD through each defence (default: the middle budget; none: skip)",
     )
-    parser.add_argument("--drop-quantiles", nargs="*", type=float, default=[0.5, 0.9], help="drop-mode quantiles")
-    parser.add_argument("--keep-quantiles", nargs="*", type=float, default=[0.5], help="keep-mode quantiles")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["drop:spikes:0.9", "drop:outliers:0.96", "drop:outliers:0.98", "keep:spikes:0.5"],
+        help="shield settings MODE:CANDIDATES:QUANTILE (%(default)s)",
+    )
     parser.add_argument("--score", default=EigenShield.score)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=RESULTS / "shield_robustness.json")
@@ -159,16 +165,17 @@ def main() -> None:
     calib_seconds = time.perf_counter() - start
     defences: dict[str, tuple[int, HiddenProjection]] = {}
     fits: dict[str, Any] = {}
-    settings = [("drop", q) for q in args.drop_quantiles] + [("keep", q) for q in args.keep_quantiles]
     for site in args.sites:
         index, hook = parse_site(site, len(layers))
-        for mode, q in settings:
-            sub = fit_subspace(stats[site], dataclasses.replace(config, quantile=q))
-            fits[f"{site} q={q}"] = sub.details()
-            label = f"{mode} q={q} @{site}"
+        for setting in args.settings:
+            mode, candidates, q = setting.split(":")
+            sub = fit_subspace(stats[site], dataclasses.replace(config, candidates=candidates, quantile=float(q)))
+            fit = f"{candidates} q={q} @{site}"
+            fits[fit] = sub.details()
+            label = f"{mode} {fit}"
             defences[f"shield {label}"] = (index, sub.projection(mode, hook))
             defences[f"random {label}"] = (index, random_projection(sub, mode, hook, seed=len(defences)))
-            print(f"{site} q={q}: {fits[f'{site} q={q}']}", flush=True)
+            print(f"{fit}: {fits[fit]}", flush=True)
 
     @contextmanager
     def defended(name: str | None) -> Iterator[None]:
@@ -212,7 +219,7 @@ def main() -> None:
         for name in defences:
             with defended(name):
                 entry = {"transfer": float(attack.success(delta).float().mean())}
-                if budget in args.adaptive_at and clean[name]["wiki"] < 10 * clean["none"]["wiki"]:
+                if budget in args.adaptive_at and clean[name]["wiki"] < 2 * clean["none"]["wiki"]:
                     t0 = time.perf_counter()
                     entry["adaptive"] = float(attack.run(radius, args.steps)[1].float().mean())
                     entry["adaptive_seconds"] = round(time.perf_counter() - t0, 1)
@@ -239,7 +246,7 @@ def main() -> None:
             "model": args.model,
             "protocol": {
                 k: getattr(args, k)
-                for k in ("pairs", "prompt", "suffix", "target", "steps", "budgets", "adaptive_at", "sites")
+                for k in ("pairs", "prompt", "suffix", "target", "steps", "budgets", "adaptive_at", "sites", "settings")
             }
             | {"mean_embedding_norm": unit, "shield": config.to_dict(), "calibration_seconds": round(calib_seconds, 1)},
             "fits": fits,

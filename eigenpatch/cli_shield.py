@@ -10,7 +10,7 @@ from eigenpatch.errors import UsageError
 
 
 def add_shield_args(p: argparse.ArgumentParser) -> None:
-    from eigenpatch.patchers.eigenshield import SCORES, EigenShield
+    from eigenpatch.patchers.eigenshield import CANDIDATES, SCORES, EigenShield
 
     g = p.add_argument_group("EigenShield (project hidden states onto their random-matrix causal subspace)")
     g.add_argument(
@@ -24,13 +24,20 @@ def add_shield_args(p: argparse.ArgumentParser) -> None:
         "--shield-mode",
         choices=["drop", "keep"],
         default=EigenShield.mode,
-        help="drop: remove the correlational spikes; keep: keep only the causal spikes (%(default)s)",
+        help="drop: remove the correlational directions; keep: keep only the causal ones (%(default)s)",
     )
     g.add_argument(
         "--shield-quantile",
         type=float,
         default=EigenShield.quantile,
-        help="spikes whose robustness score is above this quantile are correlational (%(default)s)",
+        help="candidates whose robustness score is above this quantile are correlational (%(default)s)",
+    )
+    g.add_argument(
+        "--shield-candidates",
+        choices=CANDIDATES,
+        default=EigenShield.candidates,
+        help="eigenvectors the score ranks: spikes (above the Marchenko-Pastur bulk) or outliers "
+        "(spikes and deficits, below the bulk) (%(default)s)",
     )
     g.add_argument("--shield-score", choices=SCORES, default=EigenShield.score, help="robustness score (%(default)s)")
 
@@ -46,6 +53,7 @@ def build_shield(args: argparse.Namespace) -> Any:
         mode=args.shield_mode,
         quantile=args.shield_quantile,
         score=args.shield_score,
+        candidates=args.shield_candidates,
         seed=args.seed,
     )
 
@@ -53,7 +61,8 @@ def build_shield(args: argparse.Namespace) -> Any:
 def shield_summary(step: dict[str, Any]) -> str:
     return (
         f"eigenshield @{step['site']} ({step['mode']}): {step['spikes']} spikes above the Marchenko-Pastur edge "
-        f"{step['bulk_edge']:.3g} (sigma^2 {step['sigma2']:.3g}, {step['tokens']:,} tokens), "
+        f"{step['bulk_edge']:.3g} and {step['deficits']} deficits below {step['lower_edge']:.3g} "
+        f"(sigma^2 {step['sigma2']:.3g}, {step['tokens']:,} tokens), "
         f"{step['causal']} causal / {step['correlational']} correlational, projector rank {step['rank']}, "
         f"{step['seconds']} s"
     )

@@ -127,7 +127,7 @@ def plot_spectra(spectra: list[MatrixSpectrum], path: str | Path, title: str) ->
 def plot_shield_spectrum(sub: Any, path: str | Path, title: str) -> Path:
     """EigenShield's view of a site: the eigenvalue histogram against the fitted Marchenko-Pastur
     density (left, bulk region) and every eigenvalue by rank on a log scale (right), with the bulk
-    edge and the spikes coloured causal (kept) or correlational (dropped)."""
+    edges and the candidates coloured causal (kept) or correlational (dropped)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +154,9 @@ def plot_shield_spectrum(sub: Any, path: str | Path, title: str) -> Path:
         lw=1.2,
         label=f"Marchenko-Pastur, sigma^2={s.sigma2:.3g}",
     )
-    left.axvline(s.edge, color="grey", ls="--", lw=1, label="bulk edge")
+    left.axvline(s.edge, color="grey", ls="--", lw=1, label="bulk edges")
+    if s.lower_edge > 0:
+        left.axvline(s.lower_edge, color="grey", ls="--", lw=1)
     left.set_xlabel("eigenvalue (standardized covariance)")
     left.set_ylabel("density")
     left.legend(fontsize=8)
@@ -165,12 +167,16 @@ def plot_shield_spectrum(sub: Any, path: str | Path, title: str) -> Path:
             (picks + 1).numpy(), values[picks].numpy(), "o", ms=3, color=color, label=f"{label} ({len(picks)})"
         )
     right.axhline(s.edge, color="grey", ls="--", lw=1)
+    if s.lower_edge > 0:
+        right.axhline(s.lower_edge, color="grey", ls="--", lw=1)
     right.set_xscale("log")
     right.set_xlabel("rank")
     right.set_ylabel("eigenvalue")
     right.legend(fontsize=8)
     fig.suptitle(
-        f"{title}: {s.spikes} spikes above the edge ({s.n_samples:,} tokens, gamma={s.gamma:.3g})", fontsize=10
+        f"{title}: {s.spikes} spikes above the bulk, {s.deficits} deficits below "
+        f"({s.n_samples:,} tokens, gamma={s.gamma:.3g})",
+        fontsize=10,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -14,18 +14,25 @@ the config; the defaults are the ones ``bench/shield_robustness.py`` measured be
    ``sigma^2 (1 + sqrt(d/n))^2 (1 + margin)``; eigenvalues above it are spikes (signal), the rest
    bulk (noise). ``n`` counts tokens; neighbouring tokens are correlated, so the true edge is
    somewhat higher; ``margin`` allows for that.
-4. Robustness-based nonconformity score (RbNS) per spike ``v_k`` (``score``):
+   ``candidates``: which eigenvectors the score ranks. ``spikes`` is the paper's reading (only the
+   spikes are structure). ``outliers`` adds the *deficits*, eigenvalues below the lower edge
+   ``sigma^2 (1 - sqrt(d/n))^2``: isotropic noise cannot produce them either, they are directions
+   clean data is constrained in. They matter for a defence: clean inputs have almost no energy
+   there, so removing them costs little, while an L2-bounded attacker is free to spend its budget
+   there, and the model reads them (on SmolLM2's input embeddings the perturbation score of the
+   deficits is up to 600x the median; ``bench/shield_robustness.py``).
+4. Robustness-based nonconformity score (RbNS) per candidate ``v_k`` (``score``):
    - ``perturbation``: ``s_k = v_k^T Sigma_delta v_k / lambda_k``, how far input perturbations move
      the hidden state along ``v_k`` relative to its natural spread (a direction where a small
      push moves a lot is one an attacker can use);
-   - ``resample``: ``s_k = mean_g (1 - ||W_g^T v_k||^2)``, with ``W_g`` the spike subspace of the
-     covariance without calibration chunk ``g`` (a direction that depends on a few samples is
-     not a property of the distribution).
-5. Quantile threshold: spikes with ``s_k <= quantile_q(s)`` are **causal**, the other spikes
-   **correlational**.
-6. Projector (``mode``): ``keep`` maps ``h -> mu + P_C (h - mu)`` onto the causal spikes (the bulk
-   is dropped too); ``drop`` maps ``h -> h - P_R (h - mu)``, removing only the correlational
-   spikes. With standardization the projector is oblique in ``h``: ``P = D V V^T D^-1``.
+   - ``resample``: ``s_k = mean_g (1 - ||W_g^T v_k||^2)``, with ``W_g`` the spike (deficit)
+     subspace of the covariance without calibration chunk ``g`` (a direction that depends on a
+     few samples is not a property of the distribution).
+5. Quantile threshold: candidates with ``s_k <= quantile_q(s)`` are **causal**, the other
+   candidates **correlational**.
+6. Projector (``mode``): ``keep`` maps ``h -> mu + P_C (h - mu)`` onto the causal candidates (the
+   bulk is dropped too); ``drop`` maps ``h -> h - P_R (h - mu)``, removing only the correlational
+   candidates. With standardization the projector is oblique in ``h``: ``P = D V V^T D^-1``.
 
 The result is a :class:`eigenpatch.interventions.HiddenProjection` on the decoder layer of the
 site, stored in the checkpoint (``interventions``).
@@ -47,6 +54,7 @@ from eigenpatch.patchers.shield_stats import PERTURBATIONS, SiteStats, collect_s
 from eigenpatch.recipe import PatchContext, TransformConfig, TransformResult, register_transform
 
 SCORES = ("perturbation", "resample")
+CANDIDATES = ("spikes", "outliers")
 
 
 @dataclass
@@ -57,9 +65,10 @@ class EigenShield(TransformConfig):
     site: str = "embed"
     mode: str = "drop"
     score: str = "perturbation"
+    candidates: str = "outliers"
     perturb: str = "gradient"
     epsilon: float = 0.1
-    quantile: float = 0.9
+    quantile: float = 0.96
     standardize: bool = True
     noise: str = "median"
     margin: float = 0.0
@@ -74,6 +83,8 @@ class EigenShield(TransformConfig):
             raise UsageError(f"shield mode {self.mode!r} is not one of {PROJECT_MODES}")
         if self.score not in SCORES:
             raise UsageError(f"shield score {self.score!r} is not one of {SCORES}")
+        if self.candidates not in CANDIDATES:
+            raise UsageError(f"shield candidates {self.candidates!r} is not one of {CANDIDATES}")
         if self.perturb not in PERTURBATIONS:
             raise UsageError(f"shield perturbation {self.perturb!r} is not one of {PERTURBATIONS}")
         if not 0.0 <= self.quantile <= 1.0:
@@ -95,13 +106,14 @@ class ShieldSubspace:
     mean: torch.Tensor  # [d]
     scale: torch.Tensor  # [d] per-dimension std used to standardize (ones when not standardized)
     spectrum: Spectrum
-    scores: torch.Tensor  # [spikes], one per spike eigenvector
+    candidates: torch.Tensor  # indices of the scored eigenvectors (spikes, then deficits)
+    scores: torch.Tensor  # one per candidate
     threshold: float
     causal: torch.Tensor  # indices into the eigenvectors
     correlational: torch.Tensor
 
     def projection(self, mode: str, hook: str, start: int = 0) -> HiddenProjection:
-        """The projector of ``mode``: onto the causal spikes (``keep``) or away from the rest (``drop``)."""
+        """The projector of ``mode``: onto the causal candidates (``keep``) or away from the rest (``drop``)."""
         vectors = self.spectrum.eigenvectors[:, self.causal if mode == "keep" else self.correlational]
         return projection_from_basis(self.mean, self.scale, vectors, mode, hook, start)
 
@@ -114,6 +126,9 @@ class ShieldSubspace:
             "sigma2": s.sigma2,
             "bulk_edge": s.edge,
             "spikes": s.spikes,
+            "lower_edge": s.lower_edge,
+            "deficits": s.deficits,
+            "candidates": self.candidates.numel(),
             "causal": self.causal.numel(),
             "correlational": self.correlational.numel(),
             "threshold": self.threshold,
@@ -132,25 +147,40 @@ def projection_from_basis(
     )
 
 
-def robustness_scores(stats: SiteStats, spectrum: Spectrum, scale: torch.Tensor, score: str) -> torch.Tensor:
-    """RbNS of each spike eigenvector (higher = less robust = correlational)."""
-    k = spectrum.spikes
-    spikes = spectrum.eigenvectors[:, :k]
+def candidate_indices(spectrum: Spectrum, candidates: str) -> torch.Tensor:
+    """Eigenvector indices the score ranks: the spikes, and for ``outliers`` also the deficits."""
+    d = spectrum.eigenvalues.numel()
+    spikes = torch.arange(spectrum.spikes)
+    if candidates == "spikes":
+        return spikes
+    return torch.cat([spikes, torch.arange(d - spectrum.deficits, d)])
+
+
+def robustness_scores(
+    stats: SiteStats, spectrum: Spectrum, scale: torch.Tensor, score: str, indices: torch.Tensor
+) -> torch.Tensor:
+    """RbNS of the eigenvectors ``indices`` (higher = less robust = correlational)."""
+    vectors = spectrum.eigenvectors[:, indices]
     if score == "perturbation":
         delta = stats.delta_covariance()
         if delta is None:
             raise UsageError("the perturbation score needs perturbation statistics (collected with perturb=...)")
         delta = delta / torch.outer(scale, scale)
-        energy = torch.einsum("dk,de,ek->k", spikes, delta, spikes)
-        return energy / spectrum.eigenvalues[:k]
+        energy = torch.einsum("dk,de,ek->k", vectors, delta, vectors)
+        return energy / spectrum.eigenvalues[indices].clamp_min(1e-12)
     if score == "resample":
-        loss = torch.zeros(k, dtype=torch.float64)
+        # a spike is compared with the top-k subspace of the held-out covariance, a deficit with
+        # the bottom-m one: each is judged against the directions of its own end of the spectrum
+        top = indices < spectrum.spikes
+        k, m = int(top.sum()), int((~top).sum())
+        loss = torch.zeros(indices.numel(), dtype=torch.float64)
         for chunk in range(stats.chunks):
             _, cov, _ = stats.moments(exclude=chunk)
-            corr = cov / torch.outer(scale, scale)
-            _, vectors = torch.linalg.eigh(corr)
-            held = vectors[:, -k:]  # top-k subspace without this chunk
-            loss += 1 - (held.T @ spikes).square().sum(0)
+            _, held = torch.linalg.eigh(cov / torch.outer(scale, scale))  # ascending
+            if k:
+                loss[top] += 1 - (held[:, -k:].T @ vectors[:, top]).square().sum(0)
+            if m:
+                loss[~top] += 1 - (held[:, :m].T @ vectors[:, ~top]).square().sum(0)
         return loss / stats.chunks
     raise UsageError(f"shield score {score!r} is not one of {SCORES}")
 
@@ -160,13 +190,20 @@ def fit_subspace(stats: SiteStats, config: EigenShield) -> ShieldSubspace:
     mean, cov, n = stats.moments()
     scale = cov.diagonal().clamp_min(1e-12).sqrt() if config.standardize else torch.ones_like(mean)
     spectrum = fit_spectrum(cov / torch.outer(scale, scale), n, config.noise, config.margin)
-    if spectrum.spikes == 0:
-        raise UsageError("no eigenvalue lies above the Marchenko-Pastur edge at this site: nothing to project")
-    scores = robustness_scores(stats, spectrum, scale, config.score)
+    candidates = candidate_indices(spectrum, config.candidates)
+    if candidates.numel() == 0:
+        raise UsageError(f"no {config.candidates} outside the Marchenko-Pastur bulk at this site: nothing to project")
+    scores = robustness_scores(stats, spectrum, scale, config.score, candidates)
     threshold = float(torch.quantile(scores, config.quantile))
-    order = torch.arange(spectrum.spikes)
     return ShieldSubspace(
-        mean, scale, spectrum, scores, threshold, order[scores <= threshold], order[scores > threshold]
+        mean,
+        scale,
+        spectrum,
+        candidates,
+        scores,
+        threshold,
+        candidates[scores <= threshold],
+        candidates[scores > threshold],
     )
 
 

@@ -118,6 +118,19 @@ class Spectrum:
         """How many eigenvalues lie above the edge (they come first: eigenvalues are descending)."""
         return int((self.eigenvalues > self.edge).sum())
 
+    @property
+    def lower_edge(self) -> float:
+        """Lower bulk edge ``sigma^2 (1 - sqrt gamma)^2``; 0 when ``d >= n`` (then there are exact zeros)."""
+        return mp_edges(self.sigma2, self.gamma)[0] if self.gamma < 1 else 0.0
+
+    @property
+    def deficits(self) -> int:
+        """How many eigenvalues lie *below* the lower edge (they come last).
+
+        Isotropic noise cannot produce them: they are directions the data is constrained in (a
+        near-null space), structure just as the spikes are, at the other end of the spectrum."""
+        return int((self.eigenvalues < self.lower_edge).sum())
+
 
 def fit_spectrum(covariance: torch.Tensor, n_samples: int, noise: str = "median", margin: float = 0.0) -> Spectrum:
     """Eigendecompose ``covariance`` (fp64), estimate the noise level and the bulk edge."""

@@ -80,6 +80,32 @@ def test_perturbation_score_marks_the_planted_sensitive_direction_correlational(
     assert planted in sub.correlational.tolist() and planted not in sub.causal.tolist()
 
 
+def test_deficit_below_the_lower_edge_is_found_and_scored_only_as_an_outlier():
+    x, u = spiked(thetas=(40.0, 25.0))
+    # a direction clean data barely varies in (variance 0.05 against sigma^2 = 2): a deficit
+    g = torch.Generator().manual_seed(4)
+    w = torch.linalg.qr(torch.cat([u, torch.randn(D, 1, generator=g, dtype=torch.float64)], 1))[0][:, -1]
+    x -= torch.outer(x @ w, w) * (1 - math.sqrt(0.05 / SIGMA2))
+    stats = stats_of(x)
+    # perturbations mostly along that direction, as a gradient attacker's would be
+    delta = 0.3 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    delta += 1.0 * torch.randn(N, 1, generator=g, dtype=torch.float64) * w
+    stats.add_delta(delta)
+    outliers = fit_subspace(stats, EigenShield(standardize=False, candidates="outliers"))
+    s = outliers.spectrum
+    assert s.lower_edge == pytest.approx(mp_edges(SIGMA2, D / N)[0], rel=0.05)
+    assert s.spikes == 2 and s.deficits >= 1
+    assert float((s.eigenvectors[:, -1] @ w) ** 2) > 0.99  # the smallest eigenvalue is the planted one
+    assert int(outliers.candidates[outliers.scores.argmax()]) == D - 1
+    assert outliers.correlational.tolist() == [D - 1]  # default quantile: just the one
+    assert outliers.projection("drop", "post").rank == 1
+    spikes = fit_subspace(stats, EigenShield(standardize=False, candidates="spikes"))
+    assert spikes.candidates.tolist() == [0, 1] and D - 1 not in spikes.correlational.tolist()
+    # the resampling score is defined on deficits too (against the held-out bottom subspace)
+    resampled = fit_subspace(stats, EigenShield(standardize=False, score="resample", candidates="outliers"))
+    assert resampled.scores.shape == outliers.scores.shape and bool((resampled.scores >= 0).all())
+
+
 def test_resample_score_marks_a_direction_carried_by_few_samples_correlational():
     x, u = spiked(thetas=(40.0, 25.0, 15.0, 10.0))
     # a fifth spike that exists only in the first chunk's samples: not a property of the data
@@ -164,6 +190,8 @@ def test_bad_options_and_sites_are_clear_errors():
         EigenShield(mode="both")
     with pytest.raises(UsageError, match="score"):
         EigenShield(score="vibes")
+    with pytest.raises(UsageError, match="candidates"):
+        EigenShield(candidates="bulk")
     with pytest.raises(UsageError, match="site"):
         parse_site("layer:9", 2)
     with pytest.raises(UsageError, match="site"):

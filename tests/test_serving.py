@@ -396,6 +396,35 @@ def test_structured_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(sm
 
 
 @pytest.mark.slow
+def test_shielded_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(smollm2_dir, tmp_path):
+    """Issue acceptance (EigenShield): SmolLM2 shielded with the default setting (embed, drop the
+    correlational outliers) gives the same greedy tokens for the 5 fixed prompts (32 tokens, fp32)
+    in transformers, vLLM and ONNX Runtime. Fewer calibration windows than the default keep it short;
+    the projector has the default's form and about its rank."""
+    from eigenpatch.hf_io import load_model
+    from eigenpatch.patchers import EigenShield
+    from eigenpatch.zoo import resolve_text
+
+    model, tokenizer, _ = load_model(smollm2_dir)
+    ids = torch.tensor([tokenizer(resolve_text("news", "eval")[:400])["input_ids"]])
+    with torch.no_grad():
+        plain = model(ids).logits
+    report = eigenpatch.patch(
+        model,
+        EigenShield(calib_windows=16),
+        tokenizer=tokenizer,
+        calib_text=resolve_text("wiki", "calib"),
+        show_progress=False,
+    )
+    step = report["steps"][0]
+    assert step["deficits"] >= 1 and 4 <= step["rank"] <= 64, step
+    with torch.no_grad():
+        assert (model(ids).logits - plain).abs().max() > 1e-2  # the projection is applied
+    out = eigenpatch.save(model, tmp_path / "smollm2-shield", tokenizer=tokenizer)
+    _assert_three_runtimes_agree(out, tokenizer, tmp_path / "onnx")
+
+
+@pytest.mark.slow
 def test_steered_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(smollm2_dir, tmp_path):
     """Issue acceptance (static steering): SmolLM2 with a sentiment vector baked into layers
     10-12 gives the same greedy tokens for the 5 fixed prompts (32 tokens, fp32) in transformers,
