@@ -411,7 +411,7 @@ def test_shielded_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(smol
         plain = model(ids).logits
     report = eigenpatch.patch(
         model,
-        EigenShield(calib_windows=16),
+        EigenShield(calib_windows=16, chunks=4),
         tokenizer=tokenizer,
         calib_text=resolve_text("wiki", "calib"),
         show_progress=False,
