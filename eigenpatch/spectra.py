@@ -146,7 +146,8 @@ def plot_shield_spectrum(sub: Any, path: str | Path, title: str) -> Path:
     left.hist(shown.numpy(), bins=60, density=True, color="lightsteelblue", label=f"{len(shown)} eigenvalues")
     grid = torch.linspace(1e-6, top, 800, dtype=torch.float64)
     # MP density of the nonzero eigenvalues, rescaled to the share of eigenvalues in the bulk
-    weight = float((values <= s.edge).double().mean()) / max(float((values <= top).double().mean()), 1e-12)
+    bulk = (values <= s.edge) & (values >= s.lower_edge)
+    weight = float(bulk.double().mean()) / max(float((values <= top).double().mean()), 1e-12)
     left.plot(
         grid.numpy(),
         weight * mp_density(grid, s.sigma2, s.gamma).numpy(),
