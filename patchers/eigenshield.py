@@ -13,14 +13,14 @@ the config; the defaults are the ones ``bench/shield_robustness.py`` measured be
 3. Marchenko-Pastur fit (``rmt``): ``sigma^2`` from the median eigenvalue (``noise``), bulk edge
    ``sigma^2 (1 + sqrt(d/n))^2 (1 + margin)``; eigenvalues above it are spikes (signal), the rest
    bulk (noise). ``n`` counts tokens; neighbouring tokens are correlated, so the true edge is
-   somewhat higher; ``margin`` allows for that.
+   somewhat higher (and the lower one lower); ``margin`` widens the bulk at both ends for that.
    ``candidates``: which eigenvectors the score ranks. ``spikes`` is the paper's reading (only the
    spikes are structure). ``outliers`` adds the *deficits*, eigenvalues below the lower edge
    ``sigma^2 (1 - sqrt(d/n))^2``: isotropic noise cannot produce them either, they are directions
    clean data is constrained in. They matter for a defence: clean inputs have almost no energy
    there, so removing them costs little, while an L2-bounded attacker is free to spend its budget
    there, and the model reads them (on SmolLM2's input embeddings the perturbation score of the
-   deficits is up to 600x the median; ``bench/shield_robustness.py``).
+   deficits is over 600x the median; ``bench/shield_robustness.py``).
 4. Robustness-based nonconformity score (RbNS) per candidate ``v_k`` (``score``):
    - ``perturbation``: ``s_k = v_k^T Sigma_delta v_k / lambda_k``, how far input perturbations move
      the hidden state along ``v_k`` relative to its natural spread (a direction where a small

@@ -108,6 +108,7 @@ class Spectrum:
     n_samples: int
     sigma2: float
     edge: float  # upper bulk edge sigma^2 (1 + sqrt gamma)^2, times (1 + margin)
+    margin: float = 0.0  # the bulk is widened by it at both ends
 
     @property
     def gamma(self) -> float:
@@ -120,15 +121,20 @@ class Spectrum:
 
     @property
     def lower_edge(self) -> float:
-        """Lower bulk edge ``sigma^2 (1 - sqrt gamma)^2``; 0 when ``d >= n`` (then there are exact zeros)."""
-        return mp_edges(self.sigma2, self.gamma)[0] if self.gamma < 1 else 0.0
+        """Lower bulk edge ``sigma^2 (1 - sqrt gamma)^2 (1 - margin)``; 0 when ``d >= n``."""
+        if self.gamma >= 1:
+            return 0.0
+        return mp_edges(self.sigma2, self.gamma)[0] * max(1 - self.margin, 0.0)
 
     @property
     def deficits(self) -> int:
         """How many eigenvalues lie *below* the lower edge (they come last).
 
         Isotropic noise cannot produce them: they are directions the data is constrained in (a
-        near-null space), structure just as the spikes are, at the other end of the spectrum."""
+        near-null space), structure just as the spikes are, at the other end of the spectrum.
+        None when ``d >= n``: then ``d - n`` eigenvalues are zero by rank, not by structure."""
+        if self.gamma >= 1:
+            return 0
         return int((self.eigenvalues < self.lower_edge).sum())
 
 
@@ -138,4 +144,4 @@ def fit_spectrum(covariance: torch.Tensor, n_samples: int, noise: str = "median"
     values, vectors = values.flip(0), vectors.flip(1)
     sigma2 = estimate_noise(values, n_samples, noise)
     edge = mp_edges(sigma2, covariance.shape[0] / n_samples)[1] * (1 + margin)
-    return Spectrum(values, vectors, n_samples, sigma2, edge)
+    return Spectrum(values, vectors, n_samples, sigma2, edge, margin)

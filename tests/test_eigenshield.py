@@ -95,6 +95,8 @@ def test_deficit_below_the_lower_edge_is_found_and_scored_only_as_an_outlier():
     s = outliers.spectrum
     assert s.lower_edge == pytest.approx(mp_edges(SIGMA2, D / N)[0], rel=0.05)
     assert s.spikes == 2 and s.deficits >= 1
+    wide = fit_spectrum(torch.cov(x[:100].T, correction=0), 100)  # d > n: d - n zeros by rank, not deficits
+    assert wide.lower_edge == 0 and wide.deficits == 0
     assert float((s.eigenvectors[:, -1] @ w) ** 2) > 0.99  # the smallest eigenvalue is the planted one
     assert int(outliers.candidates[outliers.scores.argmax()]) == D - 1
     assert outliers.correlational.tolist() == [D - 1]  # default quantile: just the one
