@@ -35,7 +35,9 @@ the config; the defaults are the ones ``bench/shield_robustness.py`` measured be
    candidates. With standardization the projector is oblique in ``h``: ``P = D V V^T D^-1``.
 
 The result is a :class:`eigenpatch.interventions.HiddenProjection` on the decoder layer of the
-site, stored in the checkpoint (``interventions``).
+site, stored in the checkpoint (``interventions``). At ``embed`` it is not folded into the embedding
+table: that fold is exact only for token-id inputs (embeddings passed in directly, the attack
+surface, would bypass it) and would untie a tied ``lm_head``.
 """
 
 from __future__ import annotations
