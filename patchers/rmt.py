@@ -107,12 +107,16 @@ class Spectrum:
     eigenvectors: torch.Tensor  # [d, d] columns, same order
     n_samples: int
     sigma2: float
-    edge: float  # upper bulk edge sigma^2 (1 + sqrt gamma)^2, times (1 + margin)
     margin: float = 0.0  # the bulk is widened by it at both ends
 
     @property
     def gamma(self) -> float:
         return self.eigenvalues.numel() / self.n_samples
+
+    @property
+    def edge(self) -> float:
+        """Upper bulk edge ``sigma^2 (1 + sqrt gamma)^2 (1 + margin)``."""
+        return mp_edges(self.sigma2, self.gamma)[1] * (1 + self.margin)
 
     @property
     def spikes(self) -> int:
@@ -142,6 +146,4 @@ def fit_spectrum(covariance: torch.Tensor, n_samples: int, noise: str = "median"
     """Eigendecompose ``covariance`` (fp64), estimate the noise level and the bulk edge."""
     values, vectors = torch.linalg.eigh(covariance.double())
     values, vectors = values.flip(0), vectors.flip(1)
-    sigma2 = estimate_noise(values, n_samples, noise)
-    edge = mp_edges(sigma2, covariance.shape[0] / n_samples)[1] * (1 + margin)
-    return Spectrum(values, vectors, n_samples, sigma2, edge, margin)
+    return Spectrum(values, vectors, n_samples, estimate_noise(values, n_samples, noise), margin)
