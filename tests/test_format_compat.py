@@ -1,0 +1,32 @@
+"""Checkpoints written by older eigenpatch code still load, with the logits they had when written.
+
+``tests/fixtures/format_v1/`` holds one tiny checkpoint per kind (low-rank, both structured
+layouts, shield projection, steering shift) written by commit 26f136d, the last commit before the
+one-room-per-transform layout, with ``make_fixtures.py`` beside them, plus the logits that code
+computed. A layout change that renames a tensor, a layer kind or an intervention breaks this.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import eigenpatch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "format_v1"
+KINDS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+
+
+def test_every_kind_has_a_fixture():
+    assert KINDS == ["lowrank", "shield", "steer", "structured_blockshuffle", "structured_lowrank"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_old_checkpoint_loads_with_identical_logits(kind):
+    expected = load_file(str(FIXTURES / kind / "expected_logits.safetensors"))
+    for model in (eigenpatch.load(FIXTURES / kind), AutoModelForCausalLM.from_pretrained(FIXTURES / kind)):
+        with torch.no_grad():
+            logits = model.eval()(input_ids=expected["input_ids"]).logits
+        assert torch.equal(logits, expected["logits"]), kind
