@@ -23,11 +23,11 @@ from results_io import peak_rss_bytes, reset_peak_rss
 
 import eigenpatch
 from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_WINDOWS
-from eigenpatch.checkpoint import weights_bytes
 from eigenpatch.evaluate import perplexity, tokenize
+from eigenpatch.format.checkpoint import weights_bytes
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import LowRank, parse_method
-from eigenpatch.patchers.compress import calibration_stats
+from eigenpatch.patchers.lowrank.transform import calibration_stats
 from eigenpatch.patchers.targets import find_linears
 from eigenpatch.recipe import PatchContext, count_parameters
 from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table

@@ -28,7 +28,8 @@ from results_io import RESULTS, peak_rss_bytes, reset_peak_rss, write_result
 
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.hf_io import load_model
-from eigenpatch.patchers.heal import Heal, apply_heal, trainable_parameters
+from eigenpatch.patchers.heal.config import Heal
+from eigenpatch.patchers.heal.transform import apply_heal, trainable_parameters
 from eigenpatch.recipe import PatchContext
 from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
 from eigenpatch.zoo import resolve_text

@@ -42,10 +42,12 @@ from torch import nn
 
 from eigenpatch.calibration import calibration_windows
 from eigenpatch.evaluate import perplexity, tokenize
+from eigenpatch.format.interventions import HiddenProjection, attach, decoder_layers, detach
 from eigenpatch.hf_io import load_model
-from eigenpatch.interventions import HiddenProjection, attach, decoder_layers, detach
-from eigenpatch.patchers.eigenshield import EigenShield, ShieldSubspace, fit_subspace, projection_from_basis
-from eigenpatch.patchers.shield_stats import collect_site_stats, mean_embedding_norm, parse_site
+from eigenpatch.patchers.eigenshield.config import EigenShield
+from eigenpatch.patchers.eigenshield.stats import collect_site_stats, mean_embedding_norm
+from eigenpatch.patchers.eigenshield.transform import ShieldSubspace, fit_subspace, projection_from_basis
+from eigenpatch.patchers.hidden_states import parse_site
 from eigenpatch.table import fmt_float, format_table
 from eigenpatch.zoo import resolve_text
 

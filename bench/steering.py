@@ -39,15 +39,15 @@ from results_io import RESULTS, write_result
 
 from eigenpatch.calibration import calibration_windows
 from eigenpatch.evaluate import perplexity, tokenize
+from eigenpatch.format.interventions import HiddenShift, attach, decoder_layers, detach
 from eigenpatch.hf_io import load_model
-from eigenpatch.interventions import HiddenShift, attach, decoder_layers, detach
-from eigenpatch.patchers.steer_vectors import (
+from eigenpatch.patchers.prompts import read_prompts
+from eigenpatch.patchers.steer.vectors import (
     build_steering_vectors,
     contrast_direction,
     parse_layers,
     principal_subspaces,
     prompt_activations,
-    read_prompts,
 )
 from eigenpatch.table import format_table
 from eigenpatch.zoo import resolve_text

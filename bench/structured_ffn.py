@@ -38,13 +38,13 @@ from torch import nn
 
 import eigenpatch
 from eigenpatch.evaluate import perplexity, tokenize
+from eigenpatch.format.structured import BlockDenseLinear, BlockShuffleLinear, SharedLowRankLinear, set_premerge
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import Heal, StructuredFFN
-from eigenpatch.patchers.heal import apply_heal
-from eigenpatch.patchers.premerge import crossover, flush_cache, measure_crossover
-from eigenpatch.patchers.structured_init import blockdense_rank, blockshuffle_rank, lowrank_rank, shared_rank
+from eigenpatch.patchers.heal.transform import apply_heal
+from eigenpatch.patchers.structured_ffn.init import blockdense_rank, blockshuffle_rank, lowrank_rank, shared_rank
+from eigenpatch.patchers.structured_ffn.premerge import crossover, flush_cache, measure_crossover
 from eigenpatch.recipe import PatchContext
-from eigenpatch.structured import BlockDenseLinear, BlockShuffleLinear, SharedLowRankLinear, set_premerge
 from eigenpatch.table import fmt_float, format_table
 from eigenpatch.zoo import resolve_text
 

@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from results_io import RESULTS, write_result
 
-from eigenpatch.patchers.sts import STS, confident_views, spectral_basis, steer_predict
-from eigenpatch.patchers.sts_encoders import SentenceEncoder
+from eigenpatch.patchers.sts.encoders import SentenceEncoder
+from eigenpatch.patchers.sts.method import STS, confident_views, spectral_basis, steer_predict
 from eigenpatch.table import format_table
 from eigenpatch.zoo import resolve_text
 

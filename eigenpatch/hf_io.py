@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from eigenpatch.checkpoint import QUANT_METHOD, register_with_transformers
 from eigenpatch.errors import UsageError
+from eigenpatch.format import QUANT_METHOD
+from eigenpatch.format.checkpoint import register_with_transformers
 from eigenpatch.zoo import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

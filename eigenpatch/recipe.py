@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,19 +19,56 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from eigenpatch.checkpoint import attach_format
 from eigenpatch.errors import UsageError
+from eigenpatch.format.checkpoint import attach_format
 
 
 @dataclass
 class TransformConfig:
-    """Base of every transform config: a name for the registry and a dict form for the recipe."""
+    """Base of every transform config: what the core reads from a transform, declared in one place.
+
+    ``name`` keys the registry and the recipe; ``version`` is stored with each recipe entry, so a
+    config whose fields change meaning can read older entries (bump it and handle the old form in
+    :meth:`from_dict`); ``needs_data`` says the transform reads calibration text (the CLI then
+    loads it and demands a tokenizer); ``needs_teacher`` asks :func:`patch` for a frozen copy of
+    the model as it was before the recipe ran (distillation); ``resumable`` asks for a state
+    folder that survives an interrupted run. A subclass may turn ``needs_data`` into a property
+    when it depends on the config's fields.
+    """
 
     name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
+    resumable: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        return {"transform": self.name, **values}
+        return {"transform": self.name, "version": self.version, **values}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformConfig:
+        """The config of a recipe entry (without ``transform``), written by ``version`` <= this class's."""
+        version = data.pop("version", 1)  # entries written before versions were stored are version 1
+        if version > cls.version:
+            raise UsageError(
+                f"recipe entry {cls.name!r} is version {version}; this eigenpatch reads up to {cls.version}: upgrade it"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise UsageError(f"transform {cls.name!r} has no option(s) {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def claimed_linears(self) -> tuple[str, ...]:
+        """Linear names this transform replaces wholesale, so later stages must leave them alone."""
+        return ()
+
+    @classmethod
+    def example(cls, workdir: Path, model: nn.Module) -> list[TransformConfig]:
+        """A small recipe ending with this transform, for the registry's contract test on a tiny
+        model (``workdir``: where it may write input files). The default is the config's defaults."""
+        return [cls()]
 
 
 @dataclass
@@ -77,23 +115,43 @@ def register_transform(config_cls: type[TransformConfig]) -> Callable[[Handler],
     return decorate
 
 
+def _load_rooms() -> None:
+    """Import ``eigenpatch.patchers``, whose rooms register their transforms on import.
+
+    Done on first use rather than at ``import eigenpatch``, so the core never imports the
+    transforms at import time (they import the core)."""
+    importlib.import_module("eigenpatch.patchers")
+
+
+def registered() -> dict[str, tuple[type[TransformConfig], Handler]]:
+    """Every registered transform: ``{name: (config class, handler)}``."""
+    _load_rooms()
+    return dict(_REGISTRY)
+
+
 def transform_names() -> list[str]:
-    """Names of the registered transforms (what ``--method`` accepts)."""
-    return sorted(_REGISTRY)
+    """Names of the registered transforms."""
+    return sorted(registered())
 
 
 def config_from_dict(data: dict[str, Any]) -> TransformConfig:
-    """Inverse of :meth:`TransformConfig.to_dict`."""
+    """Inverse of :meth:`TransformConfig.to_dict`: replays one entry of a saved recipe."""
     data = dict(data)
     name = data.pop("transform", None)
-    if name not in _REGISTRY:
+    if name not in registered():
         raise UsageError(f"unknown transform {name!r}; known: {', '.join(transform_names())}")
-    config_cls, _ = _REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(data) - fields
-    if unknown:
-        raise UsageError(f"transform {name!r} has no option(s) {sorted(unknown)}; known: {sorted(fields)}")
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return _REGISTRY[name][0].from_dict(data)
+
+
+def recipe_of(folder: str | Path) -> list[TransformConfig]:
+    """The recipe a patched checkpoint was made with, as configs (to re-run it on another model)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    entries = (config.get("quantization_config") or {}).get("recipe")
+    if not entries:
+        raise UsageError(f"{folder} is not an eigenpatch checkpoint (no quantization_config.recipe in config.json)")
+    return [config_from_dict(entry) for entry in entries]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -125,15 +183,16 @@ def patch(
         context.cache = calibration_cache
     if state_dir is not None:
         context.state_dir = Path(state_dir)
-    if any(getattr(c, "needs_teacher", False) for c in configs):
+    if any(c.needs_teacher for c in configs):
         context.teacher = copy.deepcopy(model).eval().requires_grad_(False)
     before = count_parameters(model)
     steps = []
+    registry = registered()
     for config in configs:
-        if config.name not in _REGISTRY:
+        if config.name not in registry:
             raise UsageError(f"transform {config.name!r} is not registered; known: {', '.join(transform_names())}")
         start = time.perf_counter()
-        result = _REGISTRY[config.name][1](model, config, context)
+        result = registry[config.name][1](model, config, context)
         steps.append({**config.to_dict(), **result.details, "seconds": round(time.perf_counter() - start, 2)})
     attach_format(model, [c.to_dict() for c in configs], base_model)
     after = count_parameters(model)

@@ -38,7 +38,7 @@ from eigenpatch.export.precision import (
 )
 from eigenpatch.export.runtime import META_FILE, MODEL_FILE, OnnxCausalLM
 from eigenpatch.export.tensorrt import TensorRTFailed, build_engine, tensorrt_unavailable
-from eigenpatch.structured import structured_form
+from eigenpatch.format.structured import structured_form
 
 #: fp32 parity bound on logits (issue: <= 1e-3; ~1e-4 is typical for a 135M model).
 LOGITS_ATOL = 1e-3

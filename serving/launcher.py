@@ -88,7 +88,7 @@ def cpu_thread_binding(tp: int, cpus: Sequence[int]) -> str | None:
 
 def steering_files(model: Path, pairs: Sequence[str]) -> dict[str, str]:
     """``NAME=FILE`` pairs -> ``{name: absolute path}``, each file checked against the model's config."""
-    from eigenpatch.patchers.steer_vectors import SteeringVectors, folder_fingerprint
+    from eigenpatch.format.steering import SteeringVectors, folder_fingerprint
 
     config = json.loads((model / "config.json").read_text())
     config = config.get("text_config", config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-QUANT_METHOD = "eigenpatch"
+from eigenpatch.format import QUANT_METHOD
 
 
 def register() -> None:

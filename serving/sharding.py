@@ -78,7 +78,7 @@ def slice_block_tensor(kind: str, pname: str, tensor: Any, column: bool, tp_rank
 
 def local_block_module(spec: dict[str, Any], column: bool, tp_size: int, dtype: Any = None) -> Any:
     """An empty structured module with one rank's shapes: the same forward code runs the slice."""
-    from eigenpatch.structured import BlockDenseLinear, BlockShuffleLinear
+    from eigenpatch.format.structured import BlockDenseLinear, BlockShuffleLinear
 
     b, i, o = spec["blocks"], spec["in_features"], spec["out_features"]
     check_blocks(b, tp_size, f"a {spec['kind']} layer")

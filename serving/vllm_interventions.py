@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigenpatch.interventions import HiddenProjection, HiddenShift, Intervention, build_interventions
+from eigenpatch.format.interventions import HiddenProjection, HiddenShift, Intervention, build_interventions
 
 
 class VllmHooks(Intervention):

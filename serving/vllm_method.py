@@ -47,13 +47,9 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.platforms import current_platform
 
-from eigenpatch.modules import DOWN_NAME, UP_NAME
+from eigenpatch.format import BLOCK_KINDS, DOWN_NAME, FACTOR_KINDS, FORMAT_VERSION, LAYER_KINDS, UP_NAME
 from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns
 
-FORMAT_VERSION = 1
-FACTOR_KINDS = ("lowrank", "lowrank_shared")
-BLOCK_KINDS = ("blockdense", "blockshuffle")
-SERVED_KINDS = FACTOR_KINDS + BLOCK_KINDS
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
@@ -259,7 +255,7 @@ class EigenpatchVllmConfig(QuantizationConfig):
         self, layers: dict[str, dict[str, Any]], interventions: dict[str, dict[str, Any]] | None = None
     ) -> None:
         super().__init__()
-        unknown = sorted({spec.get("kind") for spec in layers.values()} - set(SERVED_KINDS))
+        unknown = sorted({spec.get("kind") for spec in layers.values()} - set(LAYER_KINDS))
         if unknown:
             raise ValueError(f"eigenpatch: this vLLM plugin cannot serve layer kind(s) {unknown}; upgrade eigenpatch")
         self.layers = layers

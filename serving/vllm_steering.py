@@ -120,7 +120,7 @@ def attach_request_steering(model: nn.Module, vllm_config: Any) -> int:
     vectors = configured_vectors()
     if not vectors:
         return 0
-    from eigenpatch.patchers.steer_vectors import SteeringVectors
+    from eigenpatch.format.steering import SteeringVectors
 
     loaded = {name: SteeringVectors.load(path) for name, path in vectors.items()}
     names = sorted(loaded)

@@ -8,8 +8,8 @@ from conftest import TINY_VOCAB, make_tiny
 from transformers import AutoModelForCausalLM
 
 import eigenpatch
-from eigenpatch.checkpoint import QUANT_METHOD, REPORT_FILE
-from eigenpatch.modules import LowRankLinear
+from eigenpatch.format import QUANT_METHOD, REPORT_FILE
+from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
 
 

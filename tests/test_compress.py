@@ -7,10 +7,10 @@ from conftest import TINY_VOCAB, make_tiny
 import eigenpatch
 from eigenpatch.calibration import calibration_windows, collect_input_covariances, collect_output_fisher
 from eigenpatch.errors import UsageError
-from eigenpatch.modules import LowRankLinear
+from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers import LowRank, parse_method
-from eigenpatch.patchers.factorize import factorize, fisher_weighting, whitening
-from eigenpatch.patchers.ranks import factorized_params, loss_ranks, welore_ranks
+from eigenpatch.patchers.lowrank.factorize import factorize, fisher_weighting, whitening
+from eigenpatch.patchers.lowrank.ranks import factorized_params, loss_ranks, welore_ranks
 from eigenpatch.patchers.targets import find_linears
 from eigenpatch.zoo import resolve_text
 

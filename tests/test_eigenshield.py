@@ -11,10 +11,19 @@ from conftest import assert_onnx_parity_and_effect, make_tiny
 
 import eigenpatch
 from eigenpatch.errors import UsageError
-from eigenpatch.interventions import HiddenProjection, attach, decoder_layers, detach
-from eigenpatch.patchers.eigenshield import EigenShield, fit_subspace
-from eigenpatch.patchers.rmt import debias_spike, estimate_noise, fit_spectrum, mp_edges, mp_median, spike_overlap
-from eigenpatch.patchers.shield_stats import SiteStats, parse_site
+from eigenpatch.format.interventions import HiddenProjection, attach, decoder_layers, detach
+from eigenpatch.patchers.eigenshield.config import EigenShield
+from eigenpatch.patchers.eigenshield.rmt import (
+    debias_spike,
+    estimate_noise,
+    fit_spectrum,
+    mp_edges,
+    mp_median,
+    spike_overlap,
+)
+from eigenpatch.patchers.eigenshield.stats import SiteStats
+from eigenpatch.patchers.eigenshield.transform import fit_subspace
+from eigenpatch.patchers.hidden_states import parse_site
 
 N, D, SIGMA2 = 6000, 240, 2.0
 THETAS = (40.0, 25.0, 15.0, 10.0, 6.0)  # all above the BBP threshold sigma^2 sqrt(d/n) = 0.4

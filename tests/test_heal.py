@@ -11,9 +11,9 @@ from conftest import make_tiny
 import eigenpatch
 from eigenpatch.cli import patch_model_main
 from eigenpatch.errors import UsageError
-from eigenpatch.modules import LowRankLinear
+from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers import SVD, Heal
-from eigenpatch.patchers.heal import trainable_parameters
+from eigenpatch.patchers.heal.transform import trainable_parameters
 from eigenpatch.zoo import resolve_text
 
 TEXT = resolve_text("news", split="calib")
@@ -42,7 +42,7 @@ def test_only_factor_pairs_change_everything_else_is_byte_identical(tiny_tokeniz
 
 
 def test_distillation_moves_the_student_towards_the_teacher_on_held_out_text(tiny_tokenizer):
-    from eigenpatch.patchers.heal import distillation_loss
+    from eigenpatch.patchers.heal.transform import distillation_loss
 
     teacher, compressed, healed = make_tiny("qwen2"), make_tiny("qwen2"), make_tiny("qwen2")
     _patch(compressed, SVD(ratio=0.6), tiny_tokenizer)
@@ -110,6 +110,6 @@ def test_patch_model_heal_writes_a_loadable_checkpoint_and_cleans_its_state(tmp_
     assert "heal: 3 steps (kd)" in capsys.readouterr().out
     recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
     assert [step["transform"] for step in recipe] == ["svd", "heal"]
-    assert not (tmp_path / ".out.heal-state").exists()
+    assert not (tmp_path / ".out.state").exists()
     reloaded = eigenpatch.load(out)
     assert any(isinstance(m, LowRankLinear) for m in reloaded.modules())

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from eigenpatch.errors import UsageError
-from eigenpatch.modules import LowRankLinear, factor_pair_saves, max_saving_rank
-from eigenpatch.patchers.factorize import factorize
-from eigenpatch.patchers.ranks import factorized_params, uniform_ranks
+from eigenpatch.format.lowrank import LowRankLinear, factor_pair_saves, max_saving_rank
+from eigenpatch.patchers.lowrank.factorize import factorize
+from eigenpatch.patchers.lowrank.ranks import factorized_params, uniform_ranks
 
 
 def test_factor_pair_shapes_and_parameter_count():

@@ -155,7 +155,7 @@ def test_healing_the_factor_pairs_recovers_perplexity(smollm2_dir, eval_ids):
     eigenpatch.patch(model, compress, tokenizer=tokenizer, calib_text=calib, show_progress=False)
     unhealed = perplexity(model, eval_ids, show_progress=False).ppl
     dense = load_model(smollm2_dir)[0]
-    from eigenpatch.patchers.heal import apply_heal
+    from eigenpatch.patchers.heal.transform import apply_heal
     from eigenpatch.recipe import PatchContext
 
     context = PatchContext(

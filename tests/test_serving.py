@@ -255,8 +255,8 @@ def test_shielded_checkpoint_serves_the_same_greedy_tokens(site, mode, tp, tmp_p
 def test_steered_checkpoint_serves_the_same_greedy_tokens(tp, tmp_path_factory, tiny_tokenizer):
     """Static steering in vLLM: the stored shift is added to the residual stream of the steered
     layers; transformers adds it to the layer output. Same tokens; the steering must matter."""
+    from eigenpatch.format.steering import SteeringVectors
     from eigenpatch.patchers import Steer
-    from eigenpatch.patchers.steer_vectors import SteeringVectors
 
     torch.manual_seed(4)
     model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
@@ -277,8 +277,8 @@ def test_per_request_steering_over_http(tp, tmp_path_factory, tiny_tokenizer):
     the steered one with the same (prefix-cached) prompt gives the unsteered tokens, and the other
     way round; strength 0 is the unsteered model; bad steering arguments get 400 and the server
     keeps serving."""
+    from eigenpatch.format.steering import SteeringVectors, model_fingerprint
     from eigenpatch.patchers import Steer
-    from eigenpatch.patchers.steer_vectors import SteeringVectors, model_fingerprint
     from eigenpatch.zoo import resolve_text
 
     torch.manual_seed(5)
@@ -432,7 +432,8 @@ def test_steered_smollm2_greedy_tokens_agree_in_transformers_vllm_and_onnx(smoll
     from eigenpatch.export.onnx import PROMPTS
     from eigenpatch.hf_io import load_model
     from eigenpatch.patchers import Steer
-    from eigenpatch.patchers.steer_vectors import build_steering_vectors, read_prompts
+    from eigenpatch.patchers.prompts import read_prompts
+    from eigenpatch.patchers.steer.vectors import build_steering_vectors
 
     data = Path(__file__).resolve().parents[1] / "bench" / "data" / "steer"
     model, tokenizer, _ = load_model(smollm2_dir)

@@ -59,8 +59,8 @@ def test_cpu_thread_binding_gives_each_tp_worker_its_own_cores():
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("kind", ["blockdense", "blockshuffle"])
 def test_block_structured_shards_recombine_for_column_and_row_slots(kind, tp):
+    from eigenpatch.format.structured import BlockDenseLinear, BlockShuffleLinear
     from eigenpatch.serving.sharding import local_block_module, local_block_shapes, slice_block_tensor
-    from eigenpatch.structured import BlockDenseLinear, BlockShuffleLinear
 
     torch.manual_seed(tp)
     full = BlockDenseLinear(64, 96, 32, 4) if kind == "blockdense" else BlockShuffleLinear(64, 96, 3, 4)

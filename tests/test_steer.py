@@ -11,17 +11,12 @@ from conftest import assert_onnx_parity_and_effect, make_tiny, tree_digest
 
 import eigenpatch
 from eigenpatch.errors import UsageError
-from eigenpatch.interventions import HiddenShift, decoder_layers
-from eigenpatch.patchers.steer import Steer
-from eigenpatch.patchers.steer_vectors import (
-    SteeringVectors,
-    build_steering_vectors,
-    contrast_direction,
-    gavish_donoho_rank,
-    model_fingerprint,
-    parse_layers,
-    read_prompts,
-)
+from eigenpatch.format.interventions import HiddenShift, decoder_layers
+from eigenpatch.format.steering import SteeringVectors, model_fingerprint
+from eigenpatch.patchers.gavish_donoho import gavish_donoho_rank
+from eigenpatch.patchers.prompts import read_prompts
+from eigenpatch.patchers.steer.config import Steer
+from eigenpatch.patchers.steer.vectors import build_steering_vectors, contrast_direction, parse_layers
 
 DATA = Path(__file__).resolve().parents[1] / "bench" / "data" / "steer"
 

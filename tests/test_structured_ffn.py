@@ -9,18 +9,7 @@ from conftest import make_tiny
 
 import eigenpatch
 from eigenpatch.errors import UsageError
-from eigenpatch.patchers import Heal, StructuredFFN
-from eigenpatch.patchers.heal import trainable_parameters
-from eigenpatch.patchers.premerge import crossover, measure_crossover
-from eigenpatch.patchers.structured_init import (
-    blockdense_rank,
-    blockshuffle_rank,
-    init_blockdense,
-    init_blockshuffle,
-    refit_output,
-    shared_rank,
-)
-from eigenpatch.structured import (
+from eigenpatch.format.structured import (
     ALWAYS_MERGED,
     BlockDenseLinear,
     BlockShuffleLinear,
@@ -28,6 +17,17 @@ from eigenpatch.structured import (
     StructuredLinear,
     set_premerge,
 )
+from eigenpatch.patchers import Heal, StructuredFFN
+from eigenpatch.patchers.heal.transform import trainable_parameters
+from eigenpatch.patchers.structured_ffn.init import (
+    blockdense_rank,
+    blockshuffle_rank,
+    init_blockdense,
+    init_blockshuffle,
+    refit_output,
+    shared_rank,
+)
+from eigenpatch.patchers.structured_ffn.premerge import crossover, measure_crossover
 from eigenpatch.zoo import resolve_text
 
 TEXT = resolve_text("news", split="calib")
@@ -138,7 +138,7 @@ def test_full_size_structures_reproduce_the_matrix_exactly():
 
 
 def test_least_squares_refit_never_loses_to_the_per_block_output_factor():
-    from eigenpatch.patchers.factorize import factorize, whitening
+    from eigenpatch.patchers.lowrank.factorize import factorize, whitening
 
     torch.manual_seed(2)
     w = torch.randn(32, 64, dtype=torch.float64)
@@ -233,7 +233,7 @@ def test_patch_model_structured_ffn_with_attention_compression(tmp_path, tiny_to
     import json
 
     from eigenpatch.cli import patch_model_main
-    from eigenpatch.modules import LowRankLinear
+    from eigenpatch.format.lowrank import LowRankLinear
 
     src = tmp_path / "tiny"
     make_tiny("qwen2").save_pretrained(src)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from eigenpatch.errors import UsageError
-from eigenpatch.patchers.sts import STS, _entropy, confident_views, spectral_basis, steer_predict
-from eigenpatch.patchers.sts_encoders import ClipEncoder, SentenceEncoder, text_views, zero_shot_classify
+from eigenpatch.patchers.sts.encoders import ClipEncoder, SentenceEncoder, text_views, zero_shot_classify
+from eigenpatch.patchers.sts.method import STS, _entropy, confident_views, spectral_basis, steer_predict
 
 
 def test_spectral_basis_finds_the_prototypes_principal_subspace():
@@ -52,7 +52,7 @@ def test_the_steering_step_lowers_the_objective():
 
 def test_factored_logits_equal_the_materialized_shifted_prototypes():
     """The STS step never forms ``normalize(z_c + B γ)``; its logits must equal doing so (any basis)."""
-    from eigenpatch.patchers.sts import _Factored, _mean_probs
+    from eigenpatch.patchers.sts.method import _Factored, _mean_probs
 
     g = torch.Generator().manual_seed(2)
     n, m, c, d, k = 3, 5, 7, 24, 4

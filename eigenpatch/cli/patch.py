@@ -1,0 +1,158 @@
+"""``patch-model`` / ``eigenpatch patch``: build a recipe from the registered pieces' flags, run it, save.
+
+The core owns what every recipe shares (the model, the output folder, calibration text, evaluation);
+each room's :class:`~eigenpatch.cli.pieces.CliPiece` adds its flags and builds its config. Stages run
+in the pieces' order, whatever order the flags were given in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from eigenpatch.cli.pieces import needs_text_error, pieces
+from eigenpatch.errors import UsageError
+from eigenpatch.recipe import TransformConfig
+
+PATCH_EXAMPLES = """\
+examples:
+  patch-model --compress 0.5                       # SmolLM2-135M (built offline), half the decoder Linears
+  patch-model ./my-llama --compress 0.3 -o out/    # any local HF folder, calibrated on the wiki text
+  patch-model --compress 0.4 --method welore+whiten --calib my_corpus.txt --eval
+  patch-model --compress 0.5 --method svd          # data-free baseline (fast, and much worse)
+  patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable if interrupted)
+  patch-model --structured-ffn blockdense --ffn-ratio 0.3   # structured feed-forward blocks, pre-merged for decode
+  patch-model --shield                             # EigenShield at the input embeddings
+  patch-model --steer sentiment.safetensors --strength 4    # bake a steering vector (eigenpatch steer build)
+  python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
+"""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="dtype to load and compute in (default: float32)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow architectures with custom code (off by default)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from eigenpatch.evaluate import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
+
+    p.add_argument("--text", default="wiki", help="eval text: wiki (held-out articles), wiki:calib, or a .txt file")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="score the first N tokens")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length (non-overlapping)")
+
+
+def add_patch_args(p: argparse.ArgumentParser) -> None:
+    from eigenpatch.calibration import DEFAULT_SEED, DEFAULT_WINDOWS
+    from eigenpatch.calibration import DEFAULT_SEQ_LEN as CALIB_SEQ_LEN
+    from eigenpatch.zoo import DEFAULT_MODEL, MODELS
+
+    zoo = ", ".join(MODELS)
+    p.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, help=f"HF folder, zoo name ({zoo}) or hub id (default: %(default)s)"
+    )
+    p.add_argument("-o", "--output", help="output folder (default: ./patched/<model>-<what was done>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    c = p.add_argument_group("calibration (for the stages that read text)")
+    c.add_argument("--calib", default="wiki", help="calibration text: wiki (its calib split) or a .txt file")
+    c.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS, help="calibration windows (%(default)s)")
+    c.add_argument("--calib-seq-len", type=int, default=CALIB_SEQ_LEN, help="tokens per window (%(default)s)")
+    c.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (%(default)s)")
+    for piece in pieces():
+        piece.add_arguments(p)
+    add_model_args(p)
+    add_eval_args(p)
+
+
+def build_recipe(args: argparse.Namespace) -> list[TransformConfig]:
+    """The configs the flags ask for, in stage order; refuses a command that asks for nothing."""
+    recipe: list[TransformConfig] = []
+    for piece in pieces():
+        config = piece.build(args, list(recipe))
+        if config is not None:
+            recipe.append(config)
+    if not recipe:
+        flags = ", ".join(p.flag for p in pieces() if p.flag)
+        raise UsageError(f"nothing to do: give one or more of {flags}")
+    return recipe
+
+
+def default_output(args: argparse.Namespace) -> Path:
+    """``patched/<model><each stage's part>``, the parts in the pieces' name order."""
+    name = Path(args.model).name or "model"
+    for piece in sorted(pieces(), key=lambda p: p.name_order):
+        name += piece.output_name(args)
+    return Path("patched") / name
+
+
+def run_patch(args: argparse.Namespace) -> int:
+    import eigenpatch
+    from eigenpatch.cli.summary import summarize_patch
+    from eigenpatch.format.checkpoint import weights_bytes
+    from eigenpatch.hf_io import load_model, parse_dtype
+    from eigenpatch.zoo import resolve_text
+
+    recipe = build_recipe(args)
+    needs_data = any(c.needs_data for c in recipe)
+    output = Path(args.output) if args.output else default_output(args)
+    if output.exists() and not args.force:
+        raise UsageError(f"output {output} already exists; choose another -o/--output or pass --force to replace it")
+    calib_text = resolve_text(args.calib, split="calib") if needs_data else None
+    dtype = parse_dtype(args.dtype)
+    start = time.perf_counter()
+    model, tokenizer, folder = load_model(args.model, dtype, args.trust_remote_code)
+    if folder.resolve() == output.resolve():
+        raise UsageError("output folder is the input folder; eigenpatch never modifies its input — pick another -o")
+    if needs_data and tokenizer is None:
+        raise needs_text_error(recipe)
+    evals: dict[str, Any] = {}
+    ids = eval_ids(args, tokenizer) if args.eval else None
+    if ids is not None:
+        evals["before"] = perplexity(model, ids, args, "ppl (base)")
+    resumable = any(c.resumable for c in recipe)
+    state_dir = output.parent / f".{output.name}.state"  # an interrupted run (--heal) resumes from here
+    report = eigenpatch.patch(
+        model,
+        recipe,
+        tokenizer=tokenizer,
+        calib_text=calib_text,
+        base_model=args.model,
+        show_progress=not args.quiet,
+        state_dir=state_dir if resumable else None,
+    )
+    if ids is not None:
+        evals["after"] = perplexity(model, ids, args, "ppl (patched)")
+        report["perplexity"] = evals
+    report["input_weights_bytes"] = weights_bytes(folder)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    out = eigenpatch.save(model, output, tokenizer=tokenizer, report=report, force=args.force)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the run finished: nothing left to resume
+    report["weights_bytes"] = weights_bytes(out)
+    print(summarize_patch(report, out))
+    return 0
+
+
+def eval_ids(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from eigenpatch.evaluate import tokenize
+    from eigenpatch.zoo import resolve_text
+
+    if tokenizer is None:
+        raise UsageError("perplexity needs a tokenizer and the model folder has none; add tokenizer files")
+    if args.max_tokens < 2 or args.seq_len < 2:
+        raise UsageError("--max-tokens and --seq-len must be at least 2")
+    try:
+        return tokenize(tokenizer, resolve_text(args.text, split="eval"), args.max_tokens)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; pass a text file with content") from None
+
+
+def perplexity(model: Any, ids: Any, args: argparse.Namespace, desc: str) -> dict[str, Any]:
+    from eigenpatch.evaluate import perplexity as score
+
+    return score(model, ids, seq_len=args.seq_len, show_progress=not args.quiet, desc=desc).as_dict()

@@ -1,0 +1,66 @@
+"""The eigenpatch checkpoint format: every name a runtime needs to read a patched checkpoint.
+
+This package is the contract between the transforms that write checkpoints
+(``eigenpatch.patchers``) and the runtimes that read them (transformers through
+:mod:`eigenpatch.format.checkpoint`, ``eigenpatch.serving`` for vLLM, ``eigenpatch.export`` for
+ONNX). Runtimes import this package and never a transform. ``docs/FORMAT.md`` describes it for
+people; each constant below is defined here once and nowhere else.
+
+- :mod:`~eigenpatch.format.lowrank`, :mod:`~eigenpatch.format.structured`,
+  :mod:`~eigenpatch.format.interventions`: the modules a checkpoint stores;
+- :mod:`~eigenpatch.format.steering`: the steering-vector file and its fingerprint;
+- :mod:`~eigenpatch.format.checkpoint`: ``quantization_config``, the transformers quantizer,
+  :func:`~eigenpatch.format.checkpoint.save` / :func:`~eigenpatch.format.checkpoint.load`.
+
+Importing this package imports nothing heavy (vLLM's processes read these names early).
+"""
+
+from __future__ import annotations
+
+#: ``config.json["quantization_config"]["quant_method"]``: the door transformers and vLLM open.
+QUANT_METHOD = "eigenpatch"
+#: The newest ``quantization_config.version`` this code reads (and the one it writes).
+FORMAT_VERSION = 1
+#: Written next to the weights: parameter counts, bytes, timings of the run that made the folder.
+REPORT_FILE = "eigenpatch_report.json"
+
+#: Parameter names of a factor pair inside its module: a factorized Linear ``X`` stores
+#: ``X.lowrank_down`` ``[r, in]`` and ``X.lowrank_up`` ``[out, r]`` (plus ``X.bias`` when the
+#: original had one). The suffixes avoid the substrings vLLM uses to route fused shards
+#: (``.up_proj``, ``.gate_proj``, ``.q_proj`` ...).
+DOWN_NAME = "lowrank_down"
+UP_NAME = "lowrank_up"
+
+# -- layer kinds (``quantization_config.layers[name]["kind"]``) ----------------------------------
+LOWRANK = "lowrank"
+LOWRANK_SHARED = "lowrank_shared"
+BLOCKDENSE = "blockdense"
+BLOCKSHUFFLE = "blockshuffle"
+#: Kinds whose forward is ``up (down x)``: vLLM runs them through the factor-pair linear method.
+FACTOR_KINDS = (LOWRANK, LOWRANK_SHARED)
+#: Kinds with block-diagonal stages: vLLM runs them through the block linear method.
+BLOCK_KINDS = (BLOCKDENSE, BLOCKSHUFFLE)
+STRUCTURED_KINDS = (LOWRANK_SHARED, BLOCKDENSE, BLOCKSHUFFLE)
+LAYER_KINDS = (LOWRANK, *STRUCTURED_KINDS)
+
+# -- intervention kinds (``quantization_config.interventions[name]["kind"]``) --------------------
+PROJECT = "project"
+SHIFT = "shift"
+INTERVENTION_KINDS = (PROJECT, SHIFT)
+#: Hook points of an intervention on its decoder layer: on what enters it, or on what it returns.
+HOOKS = ("pre", "post")
+
+#: Tensors each kind stores under its module's name (``bias`` too, where the spec says so). A
+#: ``lowrank_shared`` partner with ``down_from`` stores only ``lowrank_up``.
+TENSORS: dict[str, tuple[str, ...]] = {
+    LOWRANK: (DOWN_NAME, UP_NAME),
+    LOWRANK_SHARED: (DOWN_NAME, UP_NAME),
+    BLOCKDENSE: ("block_down", "block_up"),
+    BLOCKSHUFFLE: ("shuffle_in", "shuffle_out"),
+    PROJECT: ("center", "basis_in", "basis_out"),
+    SHIFT: ("vector",),
+}
+
+# -- the steering-vector file (:mod:`eigenpatch.format.steering`) --------------------------------
+STEER_FILE_FORMAT = "eigenpatch-steer"
+STEER_FILE_VERSION = 1
