@@ -82,12 +82,12 @@ class PatchContext:
     #: across patches of the same base model with the same calibration text (benchmarks do).
     cache: dict[Any, Any] = field(default_factory=dict)
     #: A frozen copy of the model as it was before the recipe ran, for transforms that distill
-    #: from it (``heal``); made only when a config's ``needs_teacher`` is true.
+    #: from it; made only when a config's ``needs_teacher`` is true.
     teacher: nn.Module | None = None
-    #: Where long-running transforms keep resumable state (``heal`` checkpoints); None: no resume.
+    #: Where long-running transforms keep resumable state (``resumable`` configs); None: no resume.
     state_dir: Path | None = None
     #: Called as ``on_step(transform_name, step, model)`` after each training step of transforms
-    #: that train (``heal``): benchmarks evaluate intermediate models through it.
+    #: that train: benchmarks evaluate intermediate models through it.
     on_step: Callable[[str, int, nn.Module], None] | None = None
 
 
@@ -104,7 +104,7 @@ _REGISTRY: dict[str, tuple[type[TransformConfig], Handler]] = {}
 
 
 def register_transform(config_cls: type[TransformConfig]) -> Callable[[Handler], Handler]:
-    """Decorator: ``@register_transform(SVD)`` on the function that applies an ``SVD`` config."""
+    """Decorator: ``@register_transform(MyConfig)`` on the function that applies a ``MyConfig``."""
     if not config_cls.name:
         raise TypeError(f"{config_cls.__name__} needs a class attribute `name`")
 
@@ -174,7 +174,7 @@ def patch(
 
     Returns the run report (parameter counts before/after, per-transform details, seconds).
     After this, ``save_pretrained`` / :func:`eigenpatch.save` writes the eigenpatch format.
-    ``state_dir``: where resumable transforms (``heal``) checkpoint; rerunning the same recipe
+    ``state_dir``: where resumable transforms checkpoint; rerunning the same recipe
     with the same ``state_dir`` continues an interrupted run.
     """
     configs = [recipe] if isinstance(recipe, TransformConfig) else list(recipe)

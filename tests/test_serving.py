@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM
+from vllm_server import Server, hf_greedy, post, served_tokens, tiny_config
 
 import eigenpatch
 
@@ -33,65 +28,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_config(family: str):
-    # head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... (not the 16 of conftest's tiny models)
-    common = dict(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-    )  # fmt: skip
-    return LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
-
-
-def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as reply:
-        return json.loads(reply.read())
-
-
-class Server:
-    """`eigenpatch serve DIR` in its own process group, killed (group and all) afterwards."""
-
-    def __init__(self, model_dir: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.name = model_dir.name
-        cmd = [sys.executable, "-m", "eigenpatch.cli", "serve", str(model_dir), "--port", str(self.port), *extra]
-        self.log = model_dir.parent / f"{model_dir.name}-server.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise AssertionError(f"server not healthy after 600 s:\n{self.log.read_text()[-4000:]}")
-
-    def complete(self, prompt: str, max_tokens: int = 16) -> dict:
-        payload = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
-        return _post(f"{self.url}/v1/completions", {**payload, "logprobs": 1, "return_tokens_as_token_ids": True})
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2", "llama-dense"])
 def tiny_server(request, tmp_path_factory, tiny_tokenizer):
     """A tiny patched checkpoint with *mixed* fused layers: q, v, up and o_proj factorized,
@@ -99,7 +35,7 @@ def tiny_server(request, tmp_path_factory, tiny_tokenizer):
     ``llama-dense``: an unpatched checkpoint, which must serve as usual with the plugin installed."""
     torch.manual_seed(0)
     family = request.param.removesuffix("-dense")
-    model = AutoModelForCausalLM.from_config(_tiny_config(family), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
     if not request.param.endswith("-dense"):
         targets = ["q_proj", "v_proj", "up_proj", "o_proj"]
         eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5, targets=targets), show_progress=False)
@@ -111,18 +47,6 @@ def tiny_server(request, tmp_path_factory, tiny_tokenizer):
     server.stop()
 
 
-def _served_tokens(reply: dict) -> list[int]:
-    """Token ids of a completion requested with ``return_tokens_as_token_ids``."""
-    return [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
-
-
-def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
-    model = eigenpatch.load(model_dir).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=None)
-    return out[0, len(ids) :].tolist()
-
-
 def test_served_tiny_checkpoint_generates_the_same_greedy_tokens_as_transformers(tiny_server):
     server, out, tokenizer = tiny_server
     config = json.loads((out / "config.json").read_text()).get("quantization_config")
@@ -131,15 +55,15 @@ def test_served_tiny_checkpoint_generates_the_same_greedy_tokens_as_transformers
         assert kinds == {"q_proj", "v_proj", "up_proj", "o_proj"}  # mixed shards really are in the checkpoint
     for prompt in ("The fire spread towards the town", "Police said the man"):
         reply = server.complete(prompt, max_tokens=16)
-        served = _served_tokens(reply)
+        served = served_tokens(reply)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        assert served == _hf_greedy(out, ids, len(served))
+        assert served == hf_greedy(out, ids, len(served))
 
 
 def test_served_tiny_checkpoint_answers_chat(tiny_server):
     server, _, _ = tiny_server
     payload = {"model": server.name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
-    reply = _post(f"{server.url}/v1/chat/completions", payload)
+    reply = post(f"{server.url}/v1/chat/completions", payload)
     assert reply["choices"][0]["message"]["role"] == "assistant"
     assert reply["usage"]["completion_tokens"] > 0
 
@@ -164,14 +88,14 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(tiny_server):
     # steering asked of a server started without vectors: refused, never silently ignored
     assert _status(url, json.dumps({**good, "vllm_xargs": {"steer": "happy"}}).encode()) == 400
     with ThreadPoolExecutor(32) as pool:  # then 32 concurrent requests, all answered
-        replies = list(pool.map(lambda i: _post(url, {**good, "prompt": f"Request {i}:"}), range(32)))
+        replies = list(pool.map(lambda i: post(url, {**good, "prompt": f"Request {i}:"}), range(32)))
     assert all(r["usage"]["completion_tokens"] == 4 for r in replies)
 
 
 def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_tokenizer):
     """TP = 2 on CPU (one core per worker): column shards split up's rows, row shards down's columns,
     and the single KV head is replicated on both ranks (GQA with num_kv_heads < tp)."""
-    config = _tiny_config("llama")
+    config = tiny_config("llama")
     config.num_key_value_heads = 1
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -185,9 +109,9 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_
         reply = server.complete(prompt, max_tokens=16)
     finally:
         server.stop()
-    served = _served_tokens(reply)
+    served = served_tokens(reply)
     ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert served == _hf_greedy(out, ids, len(served))
+    assert served == hf_greedy(out, ids, len(served))
 
 
 def _serve_two_prompts(out: Path, tp: int) -> dict[str, list[int]]:
@@ -195,7 +119,7 @@ def _serve_two_prompts(out: Path, tp: int) -> dict[str, list[int]]:
     server = Server(out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", str(tp))
     try:
         prompts = ["The fire spread towards the town", "Police said the man"]
-        return {prompt: _served_tokens(server.complete(prompt, max_tokens=16)) for prompt in prompts}
+        return {prompt: served_tokens(server.complete(prompt, max_tokens=16)) for prompt in prompts}
     finally:
         server.stop()
 
@@ -203,19 +127,20 @@ def _serve_two_prompts(out: Path, tp: int) -> dict[str, list[int]]:
 def _assert_served_like_transformers_and_changed(out: Path, tp: int, plain: dict, tokenizer) -> None:
     """vLLM's greedy tokens for ``out`` equal transformers', and differ from the model without
     its intervention (``plain``: the state dict before patching) for at least one prompt."""
-    unpatched = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    unpatched = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
     unpatched.load_state_dict(plain)
     differs = False
     for prompt, served in _serve_two_prompts(out, tp).items():
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        assert served == _hf_greedy(out, ids, len(served)), prompt
+        assert served == hf_greedy(out, ids, len(served)), prompt
         with torch.no_grad():
             base = unpatched.generate(torch.tensor([ids]), max_new_tokens=len(served), do_sample=False)
         differs |= base[0, len(ids) :].tolist() != served
     assert differs
 
 
-@pytest.mark.parametrize(("structure", "tp"), [("lowrank", 1), ("blockdense", 1), ("blockshuffle", 2)])
+# The default structure (lowrank, TP 1) is served by the registry contract test (test_contract.py).
+@pytest.mark.parametrize(("structure", "tp"), [("blockdense", 1), ("blockshuffle", 2)])
 def test_structured_ffn_serves_the_same_greedy_tokens(structure, tp, tmp_path_factory, tiny_tokenizer):
     """Structured FFNs in vLLM: ``lowrank`` runs gate+up as one fused layer with one shared input
     factor; the block kinds run their batched matmuls, with TP = 2 splitting by blocks (gate/up
@@ -224,16 +149,17 @@ def test_structured_ffn_serves_the_same_greedy_tokens(structure, tp, tmp_path_fa
     from eigenpatch.patchers import StructuredFFN
 
     torch.manual_seed(2)
-    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
     eigenpatch.patch(model, StructuredFFN(structure=structure, whiten=False, premerge=4), show_progress=False)
     out = tmp_path_factory.mktemp("serve-sffn") / f"tiny-{structure}-tp{tp}"
     eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
     for prompt, served in _serve_two_prompts(out, tp).items():
         ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        assert served == _hf_greedy(out, ids, len(served)), prompt
+        assert served == hf_greedy(out, ids, len(served)), prompt
 
 
-@pytest.mark.parametrize(("site", "mode", "tp"), [("embed", "drop", 1), ("layer:0", "keep", 2)])
+# The default shield (embed, drop, TP 1) is served by the registry contract test (test_contract.py).
+@pytest.mark.parametrize(("site", "mode", "tp"), [("layer:0", "keep", 2)])
 def test_shielded_checkpoint_serves_the_same_greedy_tokens(site, mode, tp, tmp_path_factory, tiny_tokenizer):
     """EigenShield projections in vLLM: attached to the decoder layers at model creation, applied
     to the residual stream (hidden + residual) by hooks; transformers applies them to its hidden
@@ -242,7 +168,7 @@ def test_shielded_checkpoint_serves_the_same_greedy_tokens(site, mode, tp, tmp_p
     from eigenpatch.zoo import resolve_text
 
     torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
     plain = model.state_dict()
     config = EigenShield(site=site, mode=mode, calib_windows=16, calib_seq_len=64, chunks=4)
     eigenpatch.patch(model, config, tokenizer=tiny_tokenizer, calib_text=resolve_text("news", "calib"))
@@ -251,7 +177,7 @@ def test_shielded_checkpoint_serves_the_same_greedy_tokens(site, mode, tp, tmp_p
     _assert_served_like_transformers_and_changed(out, tp, plain, tiny_tokenizer)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [2])  # TP 1: the registry contract test (test_contract.py)
 def test_steered_checkpoint_serves_the_same_greedy_tokens(tp, tmp_path_factory, tiny_tokenizer):
     """Static steering in vLLM: the stored shift is added to the residual stream of the steered
     layers; transformers adds it to the layer output. Same tokens; the steering must matter."""
@@ -259,7 +185,7 @@ def test_steered_checkpoint_serves_the_same_greedy_tokens(tp, tmp_path_factory, 
     from eigenpatch.patchers import Steer
 
     torch.manual_seed(4)
-    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
     plain = model.state_dict()
     g = torch.Generator().manual_seed(tp)
     folder = tmp_path_factory.mktemp("serve-steer")
@@ -282,7 +208,7 @@ def test_per_request_steering_over_http(tp, tmp_path_factory, tiny_tokenizer):
     from eigenpatch.zoo import resolve_text
 
     torch.manual_seed(5)
-    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
     folder = tmp_path_factory.mktemp("serve-steer-request")
     out = eigenpatch.save(model, folder / f"tiny-plain-tp{tp}", tokenizer=tiny_tokenizer)
     g = torch.Generator().manual_seed(0)
@@ -308,10 +234,10 @@ def test_per_request_steering_over_http(tp, tmp_path_factory, tiny_tokenizer):
     steer = {"vllm_xargs": {"steer": "up", "steer_strength": 1.5}}
     try:
         with ThreadPoolExecutor(2) as pool:  # one batch holding both
-            together = list(pool.map(lambda extra: _post(url, {**base, **extra}), [steer, {}]))
-        again_plain = _post(url, base)
-        again_steered = _post(url, {**base, **steer})
-        zero = _post(url, {**base, "vllm_xargs": {"steer": "up", "steer_strength": 0}})
+            together = list(pool.map(lambda extra: post(url, {**base, **extra}), [steer, {}]))
+        again_plain = post(url, base)
+        again_steered = post(url, {**base, **steer})
+        zero = post(url, {**base, "vllm_xargs": {"steer": "up", "steer_strength": 0}})
         bad = [
             {"steer": "down"},
             {"steer": "up", "steer_strength": 4.5},
@@ -319,15 +245,15 @@ def test_per_request_steering_over_http(tp, tmp_path_factory, tiny_tokenizer):
             {"steer_strength": 2},
         ]
         statuses = [_status(url, json.dumps({**base, "vllm_xargs": x}).encode()) for x in bad]
-        after = _post(url, {**base, **steer})
+        after = post(url, {**base, **steer})
     finally:
         server.stop()
-    assert _served_tokens(together[0]) == expected["steered"]
-    assert _served_tokens(together[1]) == expected["plain"]
-    assert _served_tokens(again_plain) == expected["plain"]
-    assert _served_tokens(again_steered) == expected["steered"]
-    assert _served_tokens(zero) == expected["plain"]
-    assert _served_tokens(after) == expected["steered"]
+    assert served_tokens(together[0]) == expected["steered"]
+    assert served_tokens(together[1]) == expected["plain"]
+    assert served_tokens(again_plain) == expected["plain"]
+    assert served_tokens(again_steered) == expected["steered"]
+    assert served_tokens(zero) == expected["plain"]
+    assert served_tokens(after) == expected["steered"]
     cached = (again_plain["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
     assert cached, "the prefix cache was not used, so this test would not catch stale steered blocks"
     assert statuses == [400, 400, 400, 400]
@@ -359,7 +285,7 @@ def test_compressed_smollm2_serves_like_transformers(smollm2_dir, tmp_path):
     server = Server(out, "--dtype", "float32", "--max-model-len", "1024")
     try:
         replies = [server.complete(prompt, max_tokens=32) for prompt in PROMPTS]
-        chat = _post(
+        chat = post(
             f"{server.url}/v1/chat/completions",
             {"model": server.name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16},
         )
@@ -470,7 +396,7 @@ def _assert_three_runtimes_agree(out: Path, tokenizer, onnx_dir: Path) -> dict[s
     runner = OnnxCausalLM(onnx_dir)
     greedy = {}
     for prompt, reply in zip(PROMPTS, replies, strict=True):
-        served = _served_tokens(reply)
+        served = served_tokens(reply)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             expected = reloaded.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :]

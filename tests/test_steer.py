@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_onnx_parity_and_effect, make_tiny, tree_digest
+from conftest import make_tiny, tree_digest
 
 import eigenpatch
 from eigenpatch.errors import UsageError
@@ -186,14 +186,3 @@ def test_steer_build_and_patch_model_cli(tiny_tokenizer, tmp_path, capsys):
         assert not Path(argv[-2]).exists()
     assert main([*build[:-1], str(tmp_path / "v2.safetensors"), "--layers", "4", "-q"]) == EXIT_USAGE
     assert "layers" in capsys.readouterr().err and not (tmp_path / "v2.safetensors").exists()
-
-
-def test_steered_checkpoint_exports_to_onnx_with_parity(tiny_vectors, tiny_tokenizer, tmp_path):
-    pytest.importorskip("onnxruntime")
-
-    spectral, _ = tiny_vectors
-    path = str(spectral.save(tmp_path / "v.safetensors"))
-    model = make_tiny("llama")
-    eigenpatch.patch(model, Steer(vectors=path, strength=3.0))
-    eigenpatch.save(model, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
-    assert_onnx_parity_and_effect(tmp_path / "ckpt", tiny_tokenizer, tmp_path / "onnx", make_tiny("llama"))

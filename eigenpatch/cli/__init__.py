@@ -2,7 +2,7 @@
 
 Every command refuses bad input with one line and exit code 2 before doing any work, writes its
 output atomically, and never touches its input. The core commands name no transform: the flags of
-``patch``, the views of ``inspect`` and commands such as ``steer`` and ``sts`` come from each
+``patch``, the views of ``inspect`` and the rooms' own commands come from each
 room's registered :class:`~eigenpatch.cli.pieces.CliPiece`.
 """
 
@@ -26,7 +26,7 @@ class OneLineParser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     from eigenpatch.cli.commands import add_eval_command, add_inspect_command
     from eigenpatch.cli.export import add_export_commands
-    from eigenpatch.cli.patch import PATCH_EXAMPLES, add_patch_args, run_patch
+    from eigenpatch.cli.patch import add_patch_args, patch_examples, run_patch
     from eigenpatch.cli.pieces import pieces
     from eigenpatch.cli.serve import add_serve_command
 
@@ -34,8 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "patch",
-        help="compress / shield / steer a model and save a patched checkpoint",
-        epilog=PATCH_EXAMPLES,
+        help="rewrite a model with spectral surgery and save a patched checkpoint (same as patch-model)",
+        epilog=patch_examples(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_patch_args(p)
@@ -73,13 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def patch_model_main(argv: Sequence[str] | None = None) -> int:
     """``patch-model``: the main job, same options as ``eigenpatch patch``."""
-    from eigenpatch.cli.patch import PATCH_EXAMPLES, add_patch_args, run_patch
+    from eigenpatch.cli.patch import add_patch_args, patch_examples, run_patch
 
     parser = OneLineParser(
         prog="patch-model",
-        description="Compress (and shield, steer, heal) a Hugging Face model with spectral surgery and save a "
-        "checkpoint that transformers loads after `import eigenpatch`, vLLM serves and ONNX exports.",
-        epilog=PATCH_EXAMPLES,
+        description="Rewrite a Hugging Face model with spectral surgery (the transforms below, in this order) and "
+        "save a checkpoint that transformers loads after `import eigenpatch`, vLLM serves and ONNX exports.",
+        epilog=patch_examples(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_patch_args(parser)

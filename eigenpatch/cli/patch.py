@@ -17,18 +17,19 @@ from eigenpatch.cli.pieces import needs_text_error, pieces
 from eigenpatch.errors import UsageError
 from eigenpatch.recipe import TransformConfig
 
-PATCH_EXAMPLES = """\
-examples:
-  patch-model --compress 0.5                       # SmolLM2-135M (built offline), half the decoder Linears
-  patch-model ./my-llama --compress 0.3 -o out/    # any local HF folder, calibrated on the wiki text
-  patch-model --compress 0.4 --method welore+whiten --calib my_corpus.txt --eval
-  patch-model --compress 0.5 --method svd          # data-free baseline (fast, and much worse)
-  patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable if interrupted)
-  patch-model --structured-ffn blockdense --ffn-ratio 0.3   # structured feed-forward blocks, pre-merged for decode
-  patch-model --shield                             # EigenShield at the input embeddings
-  patch-model --steer sentiment.safetensors --strength 4    # bake a steering vector (eigenpatch steer build)
-  python -c "import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')"
-"""
+
+def patch_examples() -> str:
+    """The ``--help`` epilog: the core's examples, then each registered piece's."""
+    lines = [
+        "examples:",
+        "  patch-model --compress 0.5                       # SmolLM2-135M (built offline), half the decoder Linears",
+        "  patch-model ./my-llama --compress 0.3 -o out/    # any local HF folder, calibrated on the wiki text",
+    ]
+    lines += [f"  {example}" for piece in pieces() for example in piece.examples]
+    lines.append(
+        "  python -c \"import eigenpatch, transformers; transformers.AutoModelForCausalLM.from_pretrained('out/')\""
+    )
+    return "\n".join(lines) + "\n"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +117,7 @@ def run_patch(args: argparse.Namespace) -> int:
     if ids is not None:
         evals["before"] = perplexity(model, ids, args, "ppl (base)")
     resumable = any(c.resumable for c in recipe)
-    state_dir = output.parent / f".{output.name}.state"  # an interrupted run (--heal) resumes from here
+    state_dir = output.parent / f".{output.name}.state"  # an interrupted resumable run continues from here
     report = eigenpatch.patch(
         model,
         recipe,

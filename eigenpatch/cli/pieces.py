@@ -1,10 +1,10 @@
-"""What a transform room adds to the command line, and the registry the core CLI iterates.
+"""What a room adds to the command line, and the registry the core CLI iterates.
 
 ``patch-model`` knows no transform by name: each room registers a :class:`CliPiece` (its flags,
 how a config is built from them, its place in the order of stages, its part of the output name
-and its lines in the summary), and may add commands of its own (``eigenpatch steer``) or a view
-to ``eigenpatch inspect``. The core builds the parser, the recipe, the output name and the
-summary by iterating :func:`stages` in order.
+and its lines in the summary), and may add commands of its own or a view to ``eigenpatch
+inspect``. The core builds the parser, the recipe, the output name and the summary by iterating
+:func:`pieces` in order.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class CliPiece:
     name_order: ClassVar[int] = 100
     transforms: ClassVar[tuple[str, ...]] = ()
     flag: ClassVar[str] = ""
+    #: Lines for ``patch-model --help``'s examples (a command, then ``# what it does``).
+    examples: ClassVar[tuple[str, ...]] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this stage's flags (in an argument group of its own) to ``patch-model``."""

@@ -112,6 +112,7 @@ class EigenShieldPiece(CliPiece):
     name_order = 40
     transforms = ("eigenshield",)
     flag = "--shield SITE"
+    examples = ("patch-model --shield                             # EigenShield at the input embeddings",)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_shield_args(parser)

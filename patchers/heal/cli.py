@@ -15,6 +15,7 @@ class HealPiece(CliPiece):
     name_order = 90  # the folder name ends in -heal<STEPS>
     transforms = ("heal",)
     flag = "--heal STEPS"
+    examples = ("patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable)",)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         h = parser.add_argument_group("healing (train only the factor pairs after compression)")

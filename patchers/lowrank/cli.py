@@ -40,6 +40,10 @@ class LowRankPiece(CliPiece):
     name_order = 20
     transforms = ("lowrank", "svd")
     flag = "--compress R"
+    examples = (
+        "patch-model --compress 0.4 --method welore+whiten --calib my_corpus.txt --eval",
+        "patch-model --compress 0.5 --method svd          # data-free baseline (fast, and much worse)",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("low-rank compression (factor pairs, one global parameter ratio)")

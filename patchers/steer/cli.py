@@ -161,6 +161,9 @@ class SteerPiece(CliPiece):
     name_order = 50
     transforms = ("steer",)
     flag = "--steer FILE"
+    examples = (
+        "patch-model --steer sentiment.safetensors --strength 4    # bake a steering vector (eigenpatch steer build)",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_steer_args(parser)

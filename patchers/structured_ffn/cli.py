@@ -22,6 +22,9 @@ class StructuredFFNPiece(CliPiece):
     name_order = 10
     transforms = ("structured_ffn",)
     flag = "--structured-ffn KIND"
+    examples = (
+        "patch-model --structured-ffn blockdense --ffn-ratio 0.3   # structured FFN blocks, pre-merged for decode",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         f = parser.add_argument_group("structured feed-forward blocks (instead of, or with, --compress on attention)")
