@@ -1,6 +1,6 @@
 """Perplexity and size, measured the same way for patched and unpatched models.
 
-Protocol (``models_and_data.md`` 6.1): tokenize the text, keep the first ``max_tokens``, cut it
+Protocol: tokenize the text, keep the first ``max_tokens``, cut it
 into non-overlapping windows of ``seq_len`` tokens, score each window independently
 (``labels = input_ids``: ``seq_len - 1`` predictions per window), fp32, and report
 ``exp(total NLL / scored tokens)``. Every window counts, the short last one included; a

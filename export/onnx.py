@@ -6,7 +6,7 @@ per layer for the past; outputs are ``logits`` and the presents. Batch, sequence
 length are dynamic (past may be empty for the prefill). A factor pair lowers to two MatMuls:
 nothing custom in the graph, so any ONNX runtime runs it.
 
-Verification is part of export (DESIGN: not a warning): logits must match PyTorch within
+Verification is part of export (a mismatch is an error, not a warning): logits must match PyTorch within
 ``LOGITS_ATOL`` on fixed prompts, and greedy decoding through the KV cache must produce the
 same tokens as ``transformers.generate`` for ``GREEDY_STEPS`` steps; otherwise export fails.
 """

@@ -3,7 +3,7 @@
 A vLLM Linear whose HF shards are block-structured (``gate_up_proj`` fuses gate and up; each keeps
 its own structure) holds, per shard, this rank's slice of the structured tensors
 (:mod:`eigenpatch.serving.sharding`: whole blocks only) and runs them through the same module
-code transformers uses (:mod:`eigenpatch.structured`: batched matmuls), so the math is written
+code transformers uses (:mod:`eigenpatch.format.structured`: batched matmuls), so the math is written
 once. Column slots concatenate shard outputs; row slots (``down_proj``) return this rank's partial
 sum, which the layer's all-reduce completes. vLLM adds the bias as it does for dense layers.
 

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 TINY_VOCAB = 512
-# head_dim >= 32 keeps these usable by vLLM's CPU attention later (models_and_data.md section 2).
+# head_dim >= 32 keeps these usable by vLLM's CPU attention (it supports 32, 64, 80, ...).
 _COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, head_dim=32)
 TINY_CONFIGS = {
     # GQA 4:1, tied embeddings, biases in the MLP

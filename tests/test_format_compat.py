@@ -30,3 +30,26 @@ def test_old_checkpoint_loads_with_identical_logits(kind):
         with torch.no_grad():
             logits = model.eval()(input_ids=expected["input_ids"]).logits
         assert torch.equal(logits, expected["logits"]), kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_old_recipes_without_versions_replay_as_version_1(kind):
+    from eigenpatch.recipe import recipe_of
+
+    recipe = recipe_of(FIXTURES / kind)
+    assert recipe and all(type(c).version == 1 for c in recipe)
+
+
+def test_newer_recipe_entries_and_steering_files_are_refused_with_the_fix(tmp_path):
+    from safetensors.torch import save_file
+
+    from eigenpatch.errors import UsageError
+    from eigenpatch.format.steering import SteeringVectors
+    from eigenpatch.recipe import config_from_dict
+
+    with pytest.raises(UsageError, match="upgrade"):
+        config_from_dict({"transform": "svd", "version": 99, "ratio": 0.5})
+    path = tmp_path / "future.safetensors"
+    save_file({"layers.0": torch.ones(4)}, str(path), {"eigenpatch": '{"format": "eigenpatch-steer", "version": 2}'})
+    with pytest.raises(UsageError, match="upgrade"):
+        SteeringVectors.load(path)

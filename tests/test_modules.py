@@ -17,7 +17,7 @@ def test_factor_pair_shapes_and_parameter_count():
 
 @pytest.mark.parametrize(("m", "n", "last"), [(576, 576, 287), (576, 1536, 418), (192, 576, 143), (4096, 11008, 2985)])
 def test_break_even_ranks_match_reference(m, n, last):
-    # compression.md section 1: largest rank that still saves parameters.
+    # the break-even rank r* = mn / (m + n): the largest rank that still saves parameters.
     assert max_saving_rank(n, m) == last
     assert factor_pair_saves(last, n, m)
     assert not factor_pair_saves(last + 1, n, m)
@@ -49,7 +49,7 @@ def test_uniform_ranks_meet_the_parameter_budget():
         ranks = uniform_ranks(shapes, ratio)
         kept = factorized_params(shapes, ranks) / dense
         assert 1 - ratio - 0.01 <= kept <= 1 - ratio
-    # SmolLM2 ranks at keep 0.5 quoted in compression.md section 1
+    # SmolLM2's ranks at keep 0.5: floor(0.5 m n / (m + n))
     assert uniform_ranks(shapes, 0.5) == {"q": 144, "k": 72, "gate": 209, "down": 209}
 
 

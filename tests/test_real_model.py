@@ -62,7 +62,7 @@ def test_svd_patch_save_load_logits_identical_and_quality_ordered(smollm2_dir, e
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - expected).abs().max().item() <= 1e-5
     patched_ppl = perplexity(reloaded, eval_ids[:1024], show_progress=False).ppl
-    assert patched_ppl > 10 * dense_ppl  # plain SVD at 50 % collapses (models_and_data.md 6.2)
+    assert patched_ppl > 10 * dense_ppl  # plain SVD at 50 % collapses
 
     # A fresh interpreter that only imports eigenpatch loads it through transformers' own entry point.
     code = (
@@ -91,8 +91,8 @@ def test_patch_model_cli_on_default_model_then_eval(tmp_path, capsys):
 
 def test_default_method_beats_the_svd_llm_reference_and_reloads_exactly(smollm2_dir, eval_ids, tmp_path):
     """Loss-aware ranks x Fisher-whitened factors vs uniform ranks x whitening (SVD-LLM), same statistics."""
-    from eigenpatch.cli import DEFAULT_METHOD
     from eigenpatch.patchers import LowRank, parse_method
+    from eigenpatch.patchers.lowrank.cli import DEFAULT_METHOD
 
     calib, cache, ppl = resolve_text("wiki", split="calib"), {}, {}
     for method in ("uniform+whiten", DEFAULT_METHOD):

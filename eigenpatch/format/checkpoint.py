@@ -42,7 +42,7 @@ class EigenpatchConfig(QuantizationConfigMixin):
     "out_features", "bias"}``; ``recipe`` is the list of transform configs that made the
     checkpoint (for provenance and re-running); ``base_model`` names the unpatched source;
     ``interventions`` maps a module attached to a decoder layer (``model.layers.5.project_out``)
-    to the spec of a hidden-state intervention (:mod:`eigenpatch.interventions`).
+    to the spec of a hidden-state intervention (:mod:`eigenpatch.format.interventions`).
     """
 
     def __init__(

@@ -14,7 +14,7 @@ from eigenpatch.format import DOWN_NAME, UP_NAME  # noqa: F401 (the names the pa
 
 
 def factor_pair_saves(rank: int, in_features: int, out_features: int) -> bool:
-    """A factor pair is worth storing only if ``r (m + n) < m n`` (DESIGN: otherwise stay dense)."""
+    """A factor pair is worth storing only if ``r (m + n) < m n`` (otherwise the layer stays dense)."""
     return rank * (in_features + out_features) < in_features * out_features
 
 

@@ -6,7 +6,7 @@ sqrt g)^2]`` (Marchenko-Pastur); a planted direction of variance ``sigma^2 + the
 that bulk only above the BBP transition ``theta > sigma^2 sqrt g``. ``sigma^2`` is unknown in real
 activations, so it is estimated from the eigenvalues themselves: the median eigenvalue divided by
 the median of the unit Marchenko-Pastur law is robust to a minority of spikes (the mean is not:
-every spike pulls it up). Formulas: ``../shared/reference/shield_steer.md`` section 1.5.
+every spike pulls it up). Formulas: Marchenko & Pastur (1967); Baik, Ben Arous & Péché (2005).
 """
 
 from __future__ import annotations

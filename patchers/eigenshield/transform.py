@@ -1,10 +1,9 @@
 """``eigenshield``: project hidden states onto their random-matrix "causal" subspace.
 
-A **reconstruction** of EigenShield (arXiv 2502.14976; only its abstract is public, see
-``../shared/reference/shield_steer.md`` section 1.6). Every choice is named here and exposed in
-the config; the defaults are the ones ``bench/shield_robustness.py`` measured best.
+A **reconstruction** of EigenShield (arXiv 2502.14976; only its abstract is public). Every choice
+is named here and exposed in the config; the defaults are the ones ``bench/shield_robustness.py`` measured best.
 
-1. Calibration (``shield_stats``): mean ``mu`` and covariance of the hidden states at the site on
+1. Calibration (``stats``): mean ``mu`` and covariance of the hidden states at the site on
    clean text, streamed in fp64 and chunked; optionally their response to small input
    perturbations.
 2. ``standardize``: work in ``z = D^-1 (h - mu)``, ``D = diag(std)``. Residual streams have a few
@@ -34,7 +33,7 @@ the config; the defaults are the ones ``bench/shield_robustness.py`` measured be
    bulk is dropped too); ``drop`` maps ``h -> h - P_R (h - mu)``, removing only the correlational
    candidates. With standardization the projector is oblique in ``h``: ``P = D V V^T D^-1``.
 
-The result is a :class:`eigenpatch.interventions.HiddenProjection` on the decoder layer of the
+The result is a :class:`eigenpatch.format.interventions.HiddenProjection` on the decoder layer of the
 site, stored in the checkpoint (``interventions``). At ``embed`` it is not folded into the embedding
 table: that fold is exact only for token-id inputs (embeddings passed in directly, the attack
 surface, would bypass it) and would untie a tied ``lm_head``.

@@ -1,6 +1,6 @@
 """Factorizers: how one matrix becomes a factor pair at a given rank.
 
-All are one recipe (compression.md section 14) with a different input-side scaling ``R`` and, for
+All are one recipe with a different input-side scaling ``R`` and, for
 ``fwhiten``, an output-side scaling ``C``:
 
     A = C W R,   A ~ U_r S_r V_r^T,   up = C^-1 U_r S_r^1/2,   down = S_r^1/2 V_r^T R^-1

@@ -1,6 +1,6 @@
 """Rank allocators: which rank each matrix keeps for a global parameter budget.
 
-Allocation is separate from factorization (DESIGN): any allocator feeds any factorizer. Every
+Allocation is separate from factorization: any allocator feeds any factorizer. Every
 allocator returns ``None`` for a matrix that should stay dense, because at its rank a factor pair
 would not be smaller (``r (m + n) >= m n``): WeLore's N-LRC ("non-low-rank component").
 
@@ -50,7 +50,7 @@ def uniform_ranks(
 ) -> Ranks:
     """Every matrix keeps the same fraction ``1 - ratio`` of its parameters (SVD-LLM's convention).
 
-    ``r = floor((1 - ratio) m n / (m + n))``, at least 1 (compression.md section 1).
+    ``r = floor((1 - ratio) m n / (m + n))``, at least 1.
     """
     check_ratio(ratio)
     return {

@@ -1,7 +1,7 @@
 """``steer``: bake steering vectors into the checkpoint (static steering).
 
 Each layer ``L`` of the vector file gets ``h' = h + strength * v_L`` on what decoder layer ``L``
-returns (every position from ``start`` on), as a :class:`eigenpatch.interventions.HiddenShift`
+returns (every position from ``start`` on), as a :class:`eigenpatch.format.interventions.HiddenShift`
 stored in the checkpoint (``model.layers.L.steer_out.vector``), so the steered model loads in
 transformers, serves in vLLM and exports to ONNX like any other patch.
 

@@ -1,6 +1,6 @@
 """``structured_ffn``: replace each SwiGLU feed-forward block's matrices by a structured form.
 
-Structures (``eigenpatch.structured``): ``lowrank`` (gate and up share one input factor, down is
+Structures (``eigenpatch.format.structured``): ``lowrank`` (gate and up share one input factor, down is
 a factor pair), ``blockdense`` and ``blockshuffle`` (each of gate, up, down). ``ratio`` of the FFN
 parameters is removed, per matrix (the structure, not a rank allocator, is what is being studied).
 With calibration text, initialization minimizes the output error on its activations (whitening
