@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -145,8 +146,6 @@ def config_from_dict(data: dict[str, Any]) -> TransformConfig:
 
 def recipe_of(folder: str | Path) -> list[TransformConfig]:
     """The recipe a patched checkpoint was made with, as configs (to re-run it on another model)."""
-    import json
-
     config = json.loads((Path(folder) / "config.json").read_text())
     entries = (config.get("quantization_config") or {}).get("recipe")
     if not entries:

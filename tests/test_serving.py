@@ -103,7 +103,10 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_
     eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5, targets=targets), show_progress=False)
     out = tmp_path_factory.mktemp("serve-tp") / "tiny-llama-tp2"
     eigenpatch.save(model, out, tokenizer=tiny_tokenizer)
-    server = Server(out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", "2")
+    # Eager: the compiled factor-pair path is served by tiny_server; this checks the TP placement.
+    server = Server(
+        out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", "2", "--enforce-eager"
+    )
     try:
         prompt = "The fire spread towards the town"
         reply = server.complete(prompt, max_tokens=16)
@@ -114,9 +117,11 @@ def test_tensor_parallel_2_serves_the_same_greedy_tokens(tmp_path_factory, tiny_
     assert served == hf_greedy(out, ids, len(served))
 
 
-def _serve_two_prompts(out: Path, tp: int) -> dict[str, list[int]]:
-    """Serve ``out`` (fp32, tensor-parallel ``tp``) and return 16 greedy token ids for two fixed prompts."""
-    server = Server(out, "--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", str(tp))
+def _serve_two_prompts(out: Path, tp: int, eager: bool = False) -> dict[str, list[int]]:
+    """Serve ``out`` (fp32, tensor-parallel ``tp``, ``eager``: no compilation) and return 16 greedy token
+    ids for two fixed prompts."""
+    args = ("--max-model-len", "256", "--dtype", "float32", "--tensor-parallel-size", str(tp))
+    server = Server(out, *args, *(["--enforce-eager"] if eager else []))
     try:
         prompts = ["The fire spread towards the town", "Police said the man"]
         return {prompt: served_tokens(server.complete(prompt, max_tokens=16)) for prompt in prompts}
@@ -126,11 +131,12 @@ def _serve_two_prompts(out: Path, tp: int) -> dict[str, list[int]]:
 
 def _assert_served_like_transformers_and_changed(out: Path, tp: int, plain: dict, tokenizer) -> None:
     """vLLM's greedy tokens for ``out`` equal transformers', and differ from the model without
-    its intervention (``plain``: the state dict before patching) for at least one prompt."""
+    its intervention (``plain``: the state dict before patching) for at least one prompt. Served eager:
+    the compiled intervention path is checked by the SmolLM2 shield and steer tests."""
     unpatched = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
     unpatched.load_state_dict(plain)
     differs = False
-    for prompt, served in _serve_two_prompts(out, tp).items():
+    for prompt, served in _serve_two_prompts(out, tp, eager=True).items():
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert served == hf_greedy(out, ids, len(served)), prompt
         with torch.no_grad():

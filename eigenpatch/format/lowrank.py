@@ -1,7 +1,9 @@
 """Modules that the eigenpatch checkpoint format stores.
 
 They live in the core (not in ``patchers``) because every runtime that reads a patched
-checkpoint needs them, while none of those runtimes needs the transforms that made them.
+checkpoint needs them, while none of those runtimes needs the transforms that made them. The
+parameter names are the format's (``eigenpatch.format.DOWN_NAME`` / ``UP_NAME``;
+``tests/test_layout.py`` checks that they agree).
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from eigenpatch.format import DOWN_NAME, UP_NAME  # noqa: F401 (the names the parameters below carry)
 
 
 def factor_pair_saves(rank: int, in_features: int, out_features: int) -> bool:

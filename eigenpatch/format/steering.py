@@ -95,6 +95,11 @@ class SteeringVectors:
         meta = json.loads(raw) if raw else {}
         if meta.get("format") != STEER_FILE_FORMAT:
             raise UsageError(f"{p} is not an eigenpatch steering file (build one with `eigenpatch steer build`)")
+        if meta.get("version", 1) > STEER_FILE_VERSION:
+            raise UsageError(
+                f"{p} is steering-file version {meta['version']}; this eigenpatch reads up to {STEER_FILE_VERSION}: "
+                "upgrade eigenpatch"
+            )
         vectors = {}
         for name, t in tensors.items():
             head, _, index = name.partition(".")
