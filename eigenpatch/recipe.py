@@ -139,9 +139,10 @@ def config_from_dict(data: dict[str, Any]) -> TransformConfig:
     """Inverse of :meth:`TransformConfig.to_dict`: replays one entry of a saved recipe."""
     data = dict(data)
     name = data.pop("transform", None)
-    if name not in registered():
-        raise UsageError(f"unknown transform {name!r}; known: {', '.join(transform_names())}")
-    return _REGISTRY[name][0].from_dict(data)
+    registry = registered()
+    if name not in registry:
+        raise UsageError(f"unknown transform {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name][0].from_dict(data)
 
 
 def recipe_of(folder: str | Path) -> list[TransformConfig]:

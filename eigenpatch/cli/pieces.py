@@ -22,7 +22,7 @@ class CliPiece:
 
     Override what the room needs; the defaults add nothing. ``order`` places the stage in the
     recipe (lower runs first); ``name_order`` places its part of the default output folder name;
-    ``transforms`` are the registry names whose report steps this stage summarizes; ``flag`` is
+    ``transforms`` are the registry names whose report steps this piece summarizes; ``flag`` is
     how a user turns it on (shown when nothing was asked for).
     """
 
@@ -34,7 +34,7 @@ class CliPiece:
     examples: ClassVar[tuple[str, ...]] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this stage's flags (in an argument group of its own) to ``patch-model``."""
+        """Add this piece's flags (in an argument group of its own) to ``patch-model``."""
 
     def build(self, args: argparse.Namespace, earlier: list[TransformConfig]) -> TransformConfig | None:
         """The config the flags ask for, or None when the stage was not asked for. ``earlier``:
@@ -57,14 +57,14 @@ class CliPiece:
         """Add ``eigenpatch`` sub-commands of the room's own (``sub``: the sub-parsers action)."""
 
     # -- eigenpatch inspect -------------------------------------------------------------------
-    #: Stages whose view runs when no other stage's inspect flag was given go last.
+    #: Pieces whose view runs when no other piece's inspect flag was given go last.
     inspects_by_default: ClassVar[bool] = False
 
     def add_inspect_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this stage's flags to ``eigenpatch inspect``."""
+        """Add this piece's flags to ``eigenpatch inspect``."""
 
     def inspect(self, args: argparse.Namespace, model: Any, tokenizer: Any, folder: Any) -> int | None:
-        """Show this stage's view of ``model`` and return an exit code, or None when its flags
+        """Show this piece's view of ``model`` and return an exit code, or None when its flags
         did not ask for it."""
         return None
 

@@ -1,10 +1,9 @@
 """Streaming statistics of hidden states at a site, clean and under small input perturbations.
 
-A *site* names a point of the residual stream: ``embed`` is what enters decoder layer 0 (the
-input embeddings), ``layer:L`` what decoder layer ``L`` returns (negative ``L`` counts from the
-end). Statistics are fp64 running sums, so memory is ``chunks * d^2`` whatever the number of
-calibration tokens; the calibration windows are split into ``chunks`` consecutive groups with one
-sum each, so leave-one-chunk-out covariances (the resampling score) cost no second pass.
+A *site* is a point of the residual stream (:mod:`eigenpatch.patchers.hidden_states`). Statistics
+are fp64 running sums, so memory is ``chunks * d^2`` whatever the number of calibration tokens;
+the calibration windows are split into ``chunks`` consecutive groups with one sum each, so
+leave-one-chunk-out covariances (the resampling score) cost no second pass.
 
 The perturbation statistics record how hidden states at the site move when every input
 embedding is pushed by ``epsilon`` times the mean embedding norm: along the loss gradient

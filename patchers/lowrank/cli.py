@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS
-from eigenpatch.cli.pieces import CliPiece, ratio_of, register_piece
+from eigenpatch.cli.pieces import CliPiece, fraction, ratio_of, register_piece
 from eigenpatch.errors import UsageError
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
 from eigenpatch.recipe import TransformConfig
@@ -15,20 +15,6 @@ from eigenpatch.table import fmt_count
 
 #: What ``--compress`` uses unless ``--method`` says otherwise.
 DEFAULT_METHOD = "loss+fwhiten"
-
-
-def compress_ratio(text: str) -> float:
-    """``--compress R``: a number in (0, 1), with the allocator's own wording of the range."""
-    from eigenpatch.patchers.lowrank.ranks import check_ratio
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; e.g. --compress 0.5") from None
-    try:
-        return check_ratio(value)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def method_label(step: dict[str, Any]) -> str:
@@ -49,7 +35,7 @@ class LowRankPiece(CliPiece):
         g = parser.add_argument_group("low-rank compression (factor pairs, one global parameter ratio)")
         g.add_argument(
             "--compress",
-            type=compress_ratio,
+            type=fraction("--compress"),
             metavar="R",
             help="fraction of targeted Linear params to remove (low-rank factor pairs)",
         )
@@ -107,7 +93,7 @@ class LowRankPiece(CliPiece):
 
     def add_inspect_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--compress", type=compress_ratio, default=0.5, metavar="R", help="ratio whose ranks to show"
+            "--compress", type=fraction("--compress"), default=0.5, metavar="R", help="ratio whose ranks to show"
         )
         parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME")
         parser.add_argument(
