@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from eigenpatch.errors import UsageError
 from eigenpatch.format import QUANT_METHOD
 from eigenpatch.format.checkpoint import register_with_transformers
+from eigenpatch.format.verify import CheckpointError
 from eigenpatch.zoo import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,6 +96,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
+    except CheckpointError:
+        raise  # already one line naming the tensor, the file and the fix
     except (ValueError, OSError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = " (it needs --trust-remote-code)" if "trust_remote_code" in str(exc) else ""

@@ -16,6 +16,7 @@ rank applies the same full projection; a layer missing on this pipeline stage is
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ def install() -> None:
     """Wrap ``BaseModelLoader.create_model`` once per process (idempotent)."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+    from eigenpatch.format.checkpoint import verify_checkpoint
     from eigenpatch.serving.vllm_method import EigenpatchVllmConfig
     from eigenpatch.serving.vllm_steering import attach_request_steering
 
@@ -64,8 +66,10 @@ def install() -> None:
         return
 
     def create_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> nn.Module:
-        model = original(self, vllm_config, model_config, prefix=prefix)
         quant = vllm_config.quant_config
+        if isinstance(quant, EigenpatchVllmConfig) and Path(str(model_config.model)).is_dir():
+            verify_checkpoint(model_config.model)  # refuse missing / misshapen / non-finite factors
+        model = original(self, vllm_config, model_config, prefix=prefix)
         if isinstance(quant, EigenpatchVllmConfig) and quant.interventions:
             build_interventions(model, quant.interventions, VLLM_CLASSES)
         attach_request_steering(model, vllm_config)  # per-request vectors of `serve --steer`, if any

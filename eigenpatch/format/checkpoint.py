@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -30,9 +30,22 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
 from eigenpatch.format import FORMAT_VERSION, INTERVENTION_KINDS, LAYER_KINDS, LOWRANK, QUANT_METHOD, REPORT_FILE
-from eigenpatch.format.interventions import build_interventions, intervention_specs
+from eigenpatch.format.interventions import Intervention, build_interventions, intervention_specs
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.format.structured import StructuredLinear, module_from_spec, premerge_enabled_by_env, set_premerge
+from eigenpatch.format.verify import (
+    REBUILD,
+    CheckpointError,
+    check_finite_in_files,
+    check_finite_in_model,
+    check_present,
+    format_tensor_names,
+    stored_shapes,
+    weight_files,
+)
+
+#: Modules whose tensors the format adds (and :mod:`eigenpatch.format.verify` checks).
+FORMAT_MODULES = (LowRankLinear, StructuredLinear, Intervention)
 
 
 class EigenpatchConfig(QuantizationConfigMixin):
@@ -109,10 +122,16 @@ def build_patched_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -
     # Owners of shared factors first: their partners look them up when they are built.
     for name, spec in sorted(layers.items(), key=lambda item: item[1].get("down_from") is not None):
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
         old = getattr(parent, child, None)
         if not isinstance(old, nn.Linear):
-            raise ValueError(f"checkpoint names {name!r}, which is not a Linear in this architecture")
+            raise CheckpointError(
+                f"quantization_config.layers names {name!r}, which is not a Linear of this "
+                f"{type(model).__name__}; config.json does not match the model: {REBUILD}"
+            )
         if (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
             raise ValueError(
                 f"{name}: checkpoint says {spec['in_features']}->{spec['out_features']}, "
@@ -132,11 +151,18 @@ class EigenpatchHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: EigenpatchConfig
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(
+        self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> None:
         build_patched_modules(model, self.quantization_config.layers)
         build_interventions(model, self.quantization_config.interventions)
+        files = [Path(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
+        self._source = files[0].parent if files else "the checkpoint"
+        if files:  # before any weight is read: a missing factor would be filled with fresh values
+            check_present(model, stored_shapes(files), self._source, format_tensor_names(model, FORMAT_MODULES))
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        check_finite_in_model(model, format_tensor_names(model, FORMAT_MODULES), getattr(self, "_source", "the model"))
         if premerge_enabled_by_env():
             set_premerge(model)  # merged dense copies of structured layers, for few-token calls
 
@@ -214,7 +240,38 @@ def save(
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: Any) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with the quantizer registered: one call, no remote code."""
+    """``AutoModelForCausalLM.from_pretrained`` with the quantizer registered: one call, no remote code.
+
+    Stricter than ``from_pretrained``: a tensor missing from the weights is an error
+    (:class:`~eigenpatch.format.verify.CheckpointError`), never a freshly initialized one."""
     register_with_transformers()
     kwargs.setdefault("trust_remote_code", False)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {missing[0]}{more} is missing from the weights; {REBUILD}")
+    return model
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check a checkpoint folder without loading it, for runtimes that do not go through
+    transformers (vLLM, ``eigenpatch serve`` before it starts one): its format tensors are all
+    stored, with the shapes ``quantization_config`` implies, and finite. A folder that is not an
+    eigenpatch checkpoint passes (its runtime checks it). Raises
+    :class:`~eigenpatch.format.verify.CheckpointError`."""
+    folder = Path(path)
+    raw = json.loads((folder / "config.json").read_text())
+    spec = raw.get("quantization_config")
+    if not isinstance(spec, dict) or spec.get("quant_method") != QUANT_METHOD:
+        return
+    qconfig = EigenpatchConfig(**{k: v for k, v in spec.items() if k != "quant_method"})
+    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    build_patched_modules(model, qconfig.layers)
+    build_interventions(model, qconfig.interventions)
+    names = format_tensor_names(model, FORMAT_MODULES)
+    stored = stored_shapes(weight_files(folder))
+    check_present(model, stored, folder, names)
+    check_finite_in_files(names, stored)
