@@ -113,3 +113,46 @@ def test_patch_model_heal_writes_a_loadable_checkpoint_and_cleans_its_state(tmp_
     assert not (tmp_path / ".out.state").exists()
     reloaded = eigenpatch.load(out)
     assert any(isinstance(m, LowRankLinear) for m in reloaded.modules())
+
+
+_KILLED_MID_SAVE = """
+import os, signal, sys
+import eigenpatch.patchers.heal.transform as heal
+from eigenpatch.cli import patch_model_main
+
+write, calls = heal.save_file, []
+
+def write_then_die(*args, **kwargs):  # the third checkpoint is written but not yet in place
+    write(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+heal.save_file = write_then_die
+sys.exit(patch_model_main(sys.argv[1:]))
+"""
+
+
+def test_patch_model_killed_mid_heal_resumes_to_the_same_weights(tmp_path, tiny_tokenizer, capsys):
+    """SIGKILL (no cleanup runs) while the third training checkpoint is being written: the rerun
+    resumes from the second and ends with the weights of a run that was never interrupted."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    src = tmp_path / "tiny"
+    make_tiny("llama").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    argv = [str(src), "--compress", "0.5", "--method", "svd", "--heal", "8", "--heal-checkpoint-every", "2"]
+    argv += ["--heal-seq-len", "32", "--heal-batch", "1", "--calib", "news", "-q"]
+    assert patch_model_main([*argv, "-o", str(tmp_path / "reference")]) == 0
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, *argv, "-o", str(out)], check=False)
+    assert killed.returncode == -9 and not out.exists()
+    capsys.readouterr()
+    assert patch_model_main([*argv, "-o", str(out)]) == 0
+    assert "resumed at step 4" in capsys.readouterr().out
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)

@@ -27,6 +27,13 @@ class HealPiece(CliPiece):
         h.add_argument(
             "--heal-grad-accum", type=int, default=Heal.grad_accum, help="micro-batches per step (%(default)s)"
         )
+        h.add_argument(
+            "--heal-checkpoint-every",
+            type=int,
+            default=Heal.checkpoint_every,
+            metavar="N",
+            help="save the training state every N steps, so a killed run resumes there (%(default)s)",
+        )
 
     def build(self, args: argparse.Namespace, earlier: list[TransformConfig]) -> TransformConfig | None:
         if not args.heal:
@@ -38,6 +45,7 @@ class HealPiece(CliPiece):
             batch_size=args.heal_batch,
             seq_len=args.heal_seq_len,
             grad_accum=args.heal_grad_accum,
+            checkpoint_every=args.heal_checkpoint_every,
             seed=args.seed,
         )
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,6 +43,7 @@ from eigenpatch.patchers.heal.config import Heal
 from eigenpatch.recipe import PatchContext, TransformResult, register_transform
 
 STATE_FILE, META_FILE = "heal_state.safetensors", "heal_state.json"
+META_KEY = "eigenpatch_heal"  # the safetensors header entry holding the step and the settings
 
 
 def trainable_parameters(model: nn.Module, which: str = "factors") -> dict[str, nn.Parameter]:
@@ -81,7 +83,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: Any, config: Heal) -> None:
-    """Factors + AdamW moments (safetensors) and the step (JSON), replaced atomically."""
+    """Factors, AdamW moments and the step in one safetensors file (the step in its header), replaced
+    atomically: a run killed at any instant leaves the previous checkpoint or this one, never a mix.
+    The JSON beside it is a readable copy of the header."""
     tensors: dict[str, torch.Tensor] = {}
     adam_step = 0.0
     for name, p in params.items():
@@ -92,23 +96,26 @@ def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], opt
             tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].contiguous()
             adam_step = float(st["step"])
     state_dir.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({"step": step, "adam_step": adam_step, "config": config.to_dict()}, indent=2)
     tmp = state_dir / (STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={META_KEY: meta})
     os.replace(tmp, state_dir / STATE_FILE)
-    meta = {"step": step, "adam_step": adam_step, "config": config.to_dict()}
-    (state_dir / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2))
+    (state_dir / (META_FILE + ".tmp")).write_text(meta)
     os.replace(state_dir / (META_FILE + ".tmp"), state_dir / META_FILE)
 
 
 def _load_state(state_dir: Path, params: dict[str, nn.Parameter], optimizer: Any, config: Heal) -> int:
     """Restore a checkpoint written by the same recipe; returns the step to continue from (0: none)."""
-    meta_file = state_dir / META_FILE
-    if not meta_file.is_file() or not (state_dir / STATE_FILE).is_file():
+    state_file = state_dir / STATE_FILE
+    if not state_file.is_file():
         return 0
-    meta = json.loads(meta_file.read_text())
+    with safe_open(str(state_file), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    if not meta:
+        return 0  # written by an older eigenpatch (step in the JSON only): start over
     if meta["config"] != config.to_dict():
         raise UsageError(f"{state_dir} holds an interrupted healing run with other settings; delete it to start over")
-    tensors = load_file(str(state_dir / STATE_FILE))
+    tensors = load_file(str(state_file))
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param/{name}"])
