@@ -65,6 +65,11 @@ class TransformConfig:
         """Linear names this transform replaces wholesale, so later stages must leave them alone."""
         return ()
 
+    def touched_linears(self) -> tuple[str, ...]:
+        """Linear names this transform rewrites (claimed or not): two transforms touching the same
+        name cannot both apply it as configured. The contract test stacks examples by this."""
+        return self.claimed_linears()
+
     @classmethod
     def example(cls, workdir: Path, model: nn.Module) -> list[TransformConfig]:
         """A small recipe ending with this transform, for the registry's contract test on a tiny

@@ -6,8 +6,10 @@ and then:
 - every config of the recipe survives ``to_dict`` -> ``config_from_dict``, and the recipe stored in
   the checkpoint replays to the same configs (``recipe_of``);
 - the saved checkpoint loads with the in-memory model's logits, and the patch changed them;
-- the ONNX export matches PyTorch (logits and greedy tokens in ONNX Runtime);
-- a real vLLM server on loopback gives transformers' greedy tokens.
+- the ONNX export matches PyTorch (logits and greedy tokens in ONNX Runtime), and a real vLLM server
+  on loopback gives transformers' greedy tokens and log-probabilities. A server costs about a
+  minute and an export ten seconds, so these two run on stacks: as few models as can carry every
+  example at once (no transform twice, no Linear touched by two; ``touched_linears``).
 
 A new transform gets these checks by registering itself; nothing here names one.
 """
@@ -15,19 +17,50 @@ A new transform gets these checks by registering itself; nothing here names one.
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_onnx_parity_and_effect
 from transformers import AutoModelForCausalLM
-from vllm_server import Server, hf_greedy, served_tokens, tiny_config
+from vllm_server import Server, hf_greedy_logprobs, served_logprobs, served_tokens, tiny_config
 
 import eigenpatch
 from eigenpatch.recipe import config_from_dict, recipe_of, registered
 
 TRANSFORMS = sorted(registered())
 PROMPTS = ("The fire spread towards the town", "Police said the man")
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(7)
+    return AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
+
+
+def _example(name: str, workdir: Path, model: torch.nn.Module) -> list:
+    recipe = registered()[name][0].example(workdir, model)
+    assert recipe and recipe[-1].name == name, "example() must end with its own transform"
+    return recipe
+
+
+def _stacks() -> list[tuple[str, ...]]:
+    """Transforms grouped greedily so one model carries each group's examples together."""
+    stacks: list[tuple[list[str], set[str], set[str]]] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in TRANSFORMS:
+            recipe = _example(name, Path(workdir), _tiny())
+            names = {c.name for c in recipe}
+            linears = {n for c in recipe for n in c.touched_linears()}
+            for members, used_names, used_linears in stacks:
+                if names.isdisjoint(used_names) and linears.isdisjoint(used_linears):
+                    members.append(name)
+                    used_names |= names
+                    used_linears |= linears
+                    break
+            else:
+                stacks.append(([name], names, linears))
+    return [tuple(members) for members, _, _ in stacks]
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -42,11 +75,9 @@ def patched(request, tmp_path_factory, tiny_tokenizer):
     from eigenpatch.zoo import resolve_text
 
     name = request.param
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
+    model = _tiny()
     workdir = tmp_path_factory.mktemp(f"contract-{name}")
-    recipe = registered()[name][0].example(workdir, model)
-    assert recipe and recipe[-1].name == name, "example() must end with its own transform"
+    recipe = _example(name, workdir, model)
     plain = copy.deepcopy(model)
     calib = resolve_text("news", "calib")
     eigenpatch.patch(model, recipe, tokenizer=tiny_tokenizer, calib_text=calib, show_progress=False)
@@ -70,20 +101,45 @@ def test_saved_checkpoint_loads_with_identical_logits(patched):
     assert (_logits(eigenpatch.load(out)) - expected).abs().max() <= 1e-5
 
 
-def test_onnx_export_matches_pytorch(patched, tiny_tokenizer, tmp_path):
-    _, _, plain, out = patched
+def test_every_transform_is_in_a_stack():
+    stacks = _stacks()
+    assert sorted(n for stack in stacks for n in stack) == TRANSFORMS
+    assert len(stacks) < len(TRANSFORMS)  # the point of stacking: fewer servers than transforms
+
+
+@pytest.fixture(scope="module", params=_stacks(), ids="+".join)
+def stacked(request, tmp_path_factory, tiny_tokenizer):
+    """(saved checkpoint, the model before patching) for one stack of examples."""
+    from eigenpatch.zoo import resolve_text
+
+    model = _tiny()
+    plain = copy.deepcopy(model)
+    workdir = tmp_path_factory.mktemp("contract-stack")
+    recipe = [config for name in request.param for config in _example(name, workdir, model)]
+    calib = resolve_text("news", "calib")
+    eigenpatch.patch(model, recipe, tokenizer=tiny_tokenizer, calib_text=calib, show_progress=False)
+    out = eigenpatch.save(model.eval(), workdir / ("tiny-" + "-".join(request.param)), tokenizer=tiny_tokenizer)
+    assert [c.name for c in recipe_of(out)] == [c.name for c in recipe]
+    return out, plain
+
+
+def test_onnx_export_matches_pytorch(stacked, tiny_tokenizer, tmp_path):
+    out, plain = stacked
     assert_onnx_parity_and_effect(out, tiny_tokenizer, tmp_path / "onnx", plain)
 
 
-def test_vllm_serves_transformers_greedy_tokens(patched, tiny_tokenizer):
+def test_vllm_serves_transformers_greedy_tokens(stacked, tiny_tokenizer):
     pytest.importorskip("vllm", reason="serving checks need the serve-cpu extra")
-    _, _, _, out = patched
+    out, _ = stacked
     # Eager: this checks the format and the linear methods, not vLLM's compiler (test_serving does).
     server = Server(Path(out), "--max-model-len", "256", "--dtype", "float32", "--enforce-eager")
     try:
-        for prompt in PROMPTS:
-            served = served_tokens(server.complete(prompt, max_tokens=16))
-            ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            assert served == hf_greedy(out, ids, len(served)), prompt
+        replies = {prompt: server.complete(prompt, max_tokens=16) for prompt in PROMPTS}
     finally:
         server.stop()
+    reloaded = eigenpatch.load(out).eval()
+    for prompt, reply in replies.items():
+        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        tokens, logprobs = hf_greedy_logprobs(reloaded, ids, 16)
+        assert served_tokens(reply) == tokens, prompt
+        assert served_logprobs(reply) == pytest.approx(logprobs, abs=1e-3), prompt

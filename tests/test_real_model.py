@@ -89,75 +89,52 @@ def test_patch_model_cli_on_default_model_then_eval(tmp_path, capsys):
     assert results["model"]["ppl"] > results["base"]["ppl"]
 
 
-def test_default_method_beats_the_svd_llm_reference_and_reloads_exactly(smollm2_dir, eval_ids, tmp_path):
-    """Loss-aware ranks x Fisher-whitened factors vs uniform ranks x whitening (SVD-LLM), same statistics."""
+@pytest.fixture(scope="module")
+def compressed(smollm2_dir, tmp_path_factory):
+    """SmolLM2 at ``--compress 0.5`` with the default method on 8 windows of 256 tokens, built once:
+    (in-memory model, saved checkpoint, tokenizer, the calibration statistics it used)."""
     from eigenpatch.patchers import LowRank, parse_method
     from eigenpatch.patchers.lowrank.cli import DEFAULT_METHOD
 
-    calib, cache, ppl = resolve_text("wiki", split="calib"), {}, {}
-    for method in ("uniform+whiten", DEFAULT_METHOD):
-        model, tokenizer, _ = load_model(smollm2_dir)
-        config = LowRank(ratio=0.4, calib_windows=16, fisher_windows=8, **parse_method(method))
-        eigenpatch.patch(
-            model, config, tokenizer=tokenizer, calib_text=calib, calibration_cache=cache, show_progress=False
-        )
-        ppl[method] = perplexity(model, eval_ids, show_progress=False).ppl
-    assert ppl[DEFAULT_METHOD] < 0.9 * ppl["uniform+whiten"], ppl
-
-    reloaded = eigenpatch.load(eigenpatch.save(model, tmp_path / "best", tokenizer=tokenizer))
-    assert perplexity(reloaded, eval_ids, show_progress=False).ppl == pytest.approx(ppl[DEFAULT_METHOD], rel=1e-5)
+    model, tokenizer, _ = load_model(smollm2_dir)
+    cache: dict = {}
+    config = LowRank(ratio=0.5, calib_windows=8, calib_seq_len=256, **parse_method(DEFAULT_METHOD))
+    calib = resolve_text("wiki", split="calib")
+    eigenpatch.patch(model, config, tokenizer=tokenizer, calib_text=calib, calibration_cache=cache, show_progress=False)
+    out = eigenpatch.save(model, tmp_path_factory.mktemp("smollm2-c0.5") / "patched", tokenizer=tokenizer)
+    return model.eval(), out, tokenizer, cache
 
 
-def test_compressed_smollm2_exports_verified_and_runs_like_transformers(smollm2_dir, tmp_path, capsys):
-    """Issue acceptance: a --compress 0.5 SmolLM2 exports with --verify; run-onnx == transformers greedy."""
-    pytest.importorskip("onnxruntime")
-    from eigenpatch.export.onnx import export_onnx
-    from eigenpatch.export.runtime import MODEL_FILE
+def test_default_method_beats_the_svd_llm_reference_and_reloads_exactly(compressed, smollm2_dir, eval_ids):
+    """Loss-aware ranks x Fisher-whitened factors vs uniform ranks x whitening (SVD-LLM), same statistics."""
     from eigenpatch.patchers import LowRank
 
-    model, tokenizer, _ = load_model(smollm2_dir)
-    dense_dir = tmp_path / "dense-onnx"
-    export_onnx(model, dense_dir, tokenizer=tokenizer, verify=False)
-    config = LowRank(ratio=0.5, allocator="loss", factorizer="fwhiten", calib_windows=8, calib_seq_len=256)
+    best, out, tokenizer, cache = compressed
+    ppl = {"default": perplexity(best, eval_ids, show_progress=False).ppl}
+    model = load_model(smollm2_dir)[0]
+    reference = LowRank(ratio=0.5, calib_windows=8, calib_seq_len=256, allocator="uniform", factorizer="whiten")
+    calib = resolve_text("wiki", split="calib")
     eigenpatch.patch(
-        model, config, tokenizer=tokenizer, calib_text=resolve_text("wiki", split="calib"), show_progress=False
+        model, reference, tokenizer=tokenizer, calib_text=calib, calibration_cache=cache, show_progress=False
     )
-    params_ratio = sum(p.numel() for p in model.parameters()) / 134_515_008
-    patched = eigenpatch.save(model, tmp_path / "patched", tokenizer=tokenizer)
-    onnx_dir = tmp_path / "patched-onnx"
-    assert main(["export", str(patched), "--onnx", str(onnx_dir)]) == 0
-    assert "verified against PyTorch" in capsys.readouterr().out
-
-    def onnx_bytes(folder):
-        return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(MODEL_FILE))
-
-    assert onnx_bytes(onnx_dir) / onnx_bytes(dense_dir) == pytest.approx(params_ratio, rel=0.05)
-
-    prompt = "The capital of France is"
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    with torch.no_grad():
-        expected = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
-    assert main(["run-onnx", str(onnx_dir), prompt, "--max-new-tokens", "24", "--json"]) == 0
-    import json
-
-    got = json.loads(capsys.readouterr().out)["completion"]
-    assert got == tokenizer.decode(expected, skip_special_tokens=False)
+    ppl["uniform+whiten"] = perplexity(model, eval_ids, show_progress=False).ppl
+    assert ppl["default"] < 0.9 * ppl["uniform+whiten"], ppl
+    reloaded = eigenpatch.load(out)
+    assert perplexity(reloaded, eval_ids, show_progress=False).ppl == pytest.approx(ppl["default"], rel=1e-5)
 
 
-def test_healing_the_factor_pairs_recovers_perplexity(smollm2_dir, eval_ids):
+def test_healing_the_factor_pairs_recovers_perplexity(compressed, smollm2_dir, eval_ids):
     """30 distillation steps into the factor pairs of a 50 %-compressed SmolLM2 (about a minute on
     2 cores) already cut its held-out perplexity sharply; bench/heal.py measures the full curve."""
-    from eigenpatch.patchers import Heal, LowRank
-
-    model, tokenizer, _ = load_model(smollm2_dir)
-    calib = resolve_text("wiki", split="calib")
-    compress = LowRank(ratio=0.5, allocator="loss", factorizer="fwhiten", calib_windows=8, calib_seq_len=256)
-    eigenpatch.patch(model, compress, tokenizer=tokenizer, calib_text=calib, show_progress=False)
-    unhealed = perplexity(model, eval_ids, show_progress=False).ppl
-    dense = load_model(smollm2_dir)[0]
+    from eigenpatch.patchers import Heal
     from eigenpatch.patchers.heal.transform import apply_heal
     from eigenpatch.recipe import PatchContext
 
+    _, out, tokenizer, _ = compressed
+    model = eigenpatch.load(out)  # a copy: the fixture's model stays as it was compressed
+    unhealed = perplexity(model, eval_ids, show_progress=False).ppl
+    dense = load_model(smollm2_dir)[0]
+    calib = resolve_text("wiki", split="calib")
     context = PatchContext(
         tokenizer=tokenizer, calib_text=calib, teacher=dense.requires_grad_(False), show_progress=False
     )

@@ -29,10 +29,13 @@ def free_port() -> int:
 
 
 def tiny_config(family: str):
-    # head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... (not the 16 of conftest's tiny models)
+    """A tiny Llama or Qwen2 that vLLM can serve. head_dim 32: vLLM's CPU attention supports 32, 64,
+    80, ... (not the 16 of conftest's tiny models). Weights at 10x the usual init scale (0.2): at
+    0.02 the next-token distribution is nearly uniform and every prompt decodes one repeated token,
+    so parity would prove little; at 0.2 greedy tokens vary and every patch changes them."""
     common = dict(
         vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.2,
     )  # fmt: skip
     return LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
 
@@ -44,9 +47,19 @@ def post(url: str, payload: dict) -> dict:
 
 
 class Server:
-    """`eigenpatch serve DIR` in its own process group, killed (group and all) afterwards."""
+    """`eigenpatch serve DIR` in its own process group, killed (group and all) afterwards.
+
+    At most one runs at a time: starting a server stops the one before. A module-scoped fixture's
+    last server would otherwise live until its module ends, holding memory and sharing the two
+    cores with every test after it.
+    """
+
+    live: Server | None = None
 
     def __init__(self, model_dir: Path, *extra: str) -> None:
+        if Server.live is not None:
+            Server.live.stop()
+        Server.live = self
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = model_dir.name
@@ -86,8 +99,25 @@ def served_tokens(reply: dict) -> list[int]:
     return [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
 
 
-def hf_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
-    model = eigenpatch.load(model_dir).eval()
+def served_logprobs(reply: dict) -> list[float]:
+    """Log-probability of each generated token of a completion requested with ``logprobs``."""
+    return reply["choices"][0]["logprobs"]["token_logprobs"]
+
+
+def hf_greedy(model_dir: Path | torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    return hf_greedy_logprobs(model_dir, ids, n)[0]
+
+
+def hf_greedy_logprobs(model: Path | torch.nn.Module, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """transformers' ``n`` greedy tokens after ``ids`` and the log-probability of each (fp64
+    log-softmax of the raw logits: what vLLM reports for ``logprobs``)."""
+    if not isinstance(model, torch.nn.Module):
+        model = eigenpatch.load(model).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=None)
-    return out[0, len(ids) :].tolist()
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=None,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    tokens = out.sequences[0, len(ids) :].tolist()
+    logprobs = [torch.log_softmax(step[0].double(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)]
+    return tokens, logprobs

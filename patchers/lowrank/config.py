@@ -47,10 +47,24 @@ class LowRank(TransformConfig):
     def needs_data(self) -> bool:
         return self.factorizer != "svd" or ALLOCATORS[self.allocator][1] == "loss"
 
+    def touched_linears(self) -> tuple[str, ...]:
+        return self.targets
+
     @classmethod
     def example(cls, workdir: Path, model: nn.Module) -> list[TransformConfig]:
-        """The CLI's default method (``loss+fwhiten``) on a few short windows."""
-        return [cls(allocator="loss", factorizer="fwhiten", calib_windows=8, calib_seq_len=64, fisher_windows=4)]
+        """The CLI's default method (``loss+fwhiten``) on a few short windows, in the attention
+        (the FFN's factor pairs are the ``svd`` example's), so it can share a model with an FFN transform."""
+        attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+        return [
+            cls(
+                allocator="loss",
+                factorizer="fwhiten",
+                targets=attention,
+                calib_windows=8,
+                calib_seq_len=64,
+                fisher_windows=4,
+            )
+        ]
 
 
 def parse_method(method: str) -> dict[str, str]:
