@@ -17,6 +17,7 @@ A new transform gets these checks by registering itself; nothing here names one.
 from __future__ import annotations
 
 import copy
+import functools
 import tempfile
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def _example(name: str, workdir: Path, model: torch.nn.Module) -> list:
     return recipe
 
 
+@functools.cache
 def _stacks() -> list[tuple[str, ...]]:
-    """Transforms grouped greedily so one model carries each group's examples together."""
+    """Transforms grouped greedily so one model carries each group's examples together (computed once:
+    it builds each example)."""
     stacks: list[tuple[list[str], set[str], set[str]]] = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in TRANSFORMS:
