@@ -26,7 +26,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from eigenpatch.serving.launcher import serve
 
     try:
-        process = serve(
+        serve(  # in the foreground: returns only by an exception (Ctrl-C, a signal, a server that stopped)
             args.model,
             host=args.host,
             port=args.port,
@@ -38,7 +38,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:  # the server has been stopped already
         return 130
-    return 0 if process.returncode in (0, -15, None) else process.returncode  # (foreground=False only)
+    return 0
 
 
 def add_serve_command(sub: Any) -> None:

@@ -158,11 +158,13 @@ class EigenpatchHfQuantizer(HfQuantizer):
         build_interventions(model, self.quantization_config.interventions)
         files = [Path(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         self._source = files[0].parent if files else "the checkpoint"
+        self._format_names = format_tensor_names(model, FORMAT_MODULES)
         if files:  # before any weight is read: a missing factor would be filled with fresh values
-            check_present(model, stored_shapes(files), self._source, format_tensor_names(model, FORMAT_MODULES))
+            check_present(model, stored_shapes(files), self._source, self._format_names)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
-        check_finite_in_model(model, format_tensor_names(model, FORMAT_MODULES), getattr(self, "_source", "the model"))
+        names = getattr(self, "_format_names", None) or format_tensor_names(model, FORMAT_MODULES)
+        check_finite_in_model(model, names, getattr(self, "_source", "the model"))
         if premerge_enabled_by_env():
             set_premerge(model)  # merged dense copies of structured layers, for few-token calls
 
