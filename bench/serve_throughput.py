@@ -60,15 +60,17 @@ class PeakSampler(threading.Thread):
             time.sleep(0.2)
 
 
+def post(url: str, payload: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """POST ``payload`` as JSON, return the JSON reply (HTTP errors raise)."""
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        return json.loads(reply.read())
+
+
 def complete(url: str, name: str, prompt: str, max_tokens: int, **extra: Any) -> int:
     """Completion tokens of one greedy ``ignore_eos`` request (``extra``: more body fields)."""
     payload = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-    payload |= extra
-    request = urllib.request.Request(
-        f"{url}/v1/completions", json.dumps(payload).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=600) as reply:
-        return json.loads(reply.read())["usage"]["completion_tokens"]
+    return post(f"{url}/v1/completions", payload | extra)["usage"]["completion_tokens"]
 
 
 def measure(model: Path, prompts: list[str], args: argparse.Namespace) -> dict[str, Any]:

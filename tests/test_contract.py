@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import assert_onnx_parity_and_effect
 from transformers import AutoModelForCausalLM
-from vllm_server import Server, hf_greedy_logprobs, served_logprobs, served_tokens, tiny_config
+from vllm_server import IN_PROCESS_WORKER, Server, hf_greedy_logprobs, served_logprobs, served_tokens, tiny_config
 
 import eigenpatch
 from eigenpatch.recipe import config_from_dict, recipe_of, registered
@@ -135,7 +135,7 @@ def test_vllm_serves_transformers_greedy_tokens(stacked, tiny_tokenizer):
     pytest.importorskip("vllm", reason="serving checks need the serve-cpu extra")
     out, _ = stacked
     # Eager: this checks the format and the linear methods, not vLLM's compiler (test_serving does).
-    server = Server(Path(out), "--max-model-len", "256", "--dtype", "float32", "--enforce-eager")
+    server = Server(Path(out), "--max-model-len", "256", "--dtype", "float32", "--enforce-eager", env=IN_PROCESS_WORKER)
     try:
         replies = {prompt: server.complete(prompt, max_tokens=16) for prompt in PROMPTS}
     finally:

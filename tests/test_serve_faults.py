@@ -1,7 +1,9 @@
 """`eigenpatch serve` never leaves vLLM behind: a second signal escalates, a killed launcher takes
 the server with it, and a vLLM process that dies ends the launcher with a non-zero exit and one line.
 
-Each case kills its server, so each starts one (eager, about 45 s on two cores).
+Each case kills its server, so each starts one (eager). The signal cases run the model in vLLM's
+engine process (``IN_PROCESS_WORKER``: one Python start fewer; the API server, in its own session,
+is what a lost signal used to orphan); the dead-worker case keeps vLLM's own topology.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from vllm_server import free_port, tiny_config
+from vllm_server import IN_PROCESS_WORKER, free_port, tiny_config
 
 import eigenpatch
 
@@ -64,12 +66,14 @@ def _gone_within(pgid: int, seconds: float) -> bool:
 class Launcher:
     """`eigenpatch serve` as a user runs it, ready to be signalled."""
 
-    def __init__(self, folder: Path, log: Path) -> None:
+    def __init__(self, folder: Path, log: Path, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "eigenpatch.cli", "serve", str(folder), "--port", str(free_port())]
         cmd += ["--enforce-eager", "--max-model-len", "256"]
         self.log = log
         with open(log, "wb") as out:  # a file, not a pipe: vLLM's log would fill a pipe nobody reads
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         deadline = time.monotonic() + 300
         while not any(line.startswith("serving ") for line in self.lines()):  # printed once healthy
             assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
@@ -88,12 +92,18 @@ class Launcher:
 
 
 @pytest.fixture
-def launcher(checkpoint, tmp_path):
-    started = Launcher(checkpoint, tmp_path / "serve.log")
+def launcher(checkpoint, tmp_path, request):
+    """A healthy `eigenpatch serve`; ``@pytest.mark.parametrize("launcher", [env], indirect=True)``
+    starts it with that environment."""
+    started = Launcher(checkpoint, tmp_path / "serve.log", getattr(request, "param", None))
     yield started
     started.cleanup()
 
 
+in_process_worker = pytest.mark.parametrize("launcher", [IN_PROCESS_WORKER], indirect=True, ids=["in-process"])
+
+
+@in_process_worker
 def test_a_second_sigterm_escalates_instead_of_orphaning_the_server(launcher):
     launcher.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)  # the launcher is now waiting for vLLM to shut down
@@ -102,6 +112,7 @@ def test_a_second_sigterm_escalates_instead_of_orphaning_the_server(launcher):
     assert _gone_within(launcher.server, 30), f"vLLM processes left: {_group(launcher.server)}"
 
 
+@in_process_worker
 def test_a_killed_launcher_takes_the_server_with_it(launcher):
     launcher.process.send_signal(signal.SIGKILL)
     launcher.process.wait(10)

@@ -4,13 +4,14 @@ Each server costs about a minute on two cores, so one checkpoint carries as many
 
 - ``plain``: an unpatched Llama served with the plugin installed and with named steering vectors
   (TP 1 compiled, TP 2 eager): greedy parity, chat, malformed requests, per-request steering;
-- ``stack``: one Llama holding every kind a decoder layer can carry at once: factor pairs in
-  *mixed* fused layers (q, v, o and up factorized; k, gate and down dense, so qkv_proj and
-  gate_up_proj hold low-rank and dense shards), an EigenShield projection after layer 0 and a
-  static steering shift (TP 1 compiled, TP 2 eager with a single KV head replicated on both
-  ranks). Its tokens must equal transformers', and each intervention must change transformers'
-  tokens, so a server that skipped one would disagree;
-- one server each for the Qwen2 q/k/v biases and the block-structured FFNs.
+- ``stack``: one Qwen2 (q/k/v biases) holding every kind a decoder layer can carry at once:
+  factor pairs in *mixed* fused layers (q, v, o and up factorized; k, gate and down dense, so
+  qkv_proj, with its biases, and gate_up_proj hold low-rank and dense shards), an EigenShield
+  projection after layer 0 and a static steering shift (TP 1 compiled, TP 2 eager with a single
+  KV head replicated on both ranks). Its tokens must equal transformers', and each intervention
+  must change transformers' tokens, so a server that skipped one would disagree;
+- both answer 32 concurrent requests with the tokens each gets alone (batch invariance);
+- one server each for the block-structured FFNs.
 
 The registry's contract test (``test_contract.py``) serves every transform's own example, and
 ``test_smollm2_runtimes.py`` the real model.
@@ -28,7 +29,16 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from vllm_server import Server, hf_greedy, hf_greedy_logprobs, post, served_logprobs, served_tokens, tiny_config
+from vllm_server import (
+    IN_PROCESS_WORKER,
+    Server,
+    hf_greedy,
+    hf_greedy_logprobs,
+    post,
+    served_logprobs,
+    served_tokens,
+    tiny_config,
+)
 
 import eigenpatch
 from eigenpatch.recipe import TransformConfig
@@ -45,10 +55,11 @@ MIXED_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj"]  # k, gate, down stay 
 LOGPROB_ATOL = 1e-3
 
 
-def _args(tp: int, *extra: str) -> tuple[str, ...]:
-    """fp32 (exact argmax parity); TP 2 runs eager: its compiled graph is TP 1's with collectives."""
+def _server(out: Path, tp: int, *extra: str) -> Server:
+    """fp32 (exact argmax parity). TP 1: compiled, the model in the engine process; TP 2: eager
+    (its compiled graph is TP 1's with collectives), a worker process per rank."""
     args = ("--max-model-len", "512", "--dtype", "float32", "--tensor-parallel-size", str(tp), *extra)
-    return (*args, "--enforce-eager") if tp > 1 else args
+    return Server(out, *args, env=IN_PROCESS_WORKER) if tp == 1 else Server(out, *args, "--enforce-eager")
 
 
 def _status(url: str, body: bytes) -> int:
@@ -58,6 +69,22 @@ def _status(url: str, body: bytes) -> int:
             return reply.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def _assert_batch_invariant(server: Server, tokenizer, n: int = 32) -> None:
+    """``n`` concurrent greedy requests (prompts of 3 to 40 tokens, so prefill and decode share the
+    engine's steps) each give the tokens that request gets alone. fp32: a near-tie would need a
+    logit gap below the kernels' ~1e-6 reordering noise (bf16: ``bench/batch_invariance.py``)."""
+    from eigenpatch.zoo import resolve_text
+
+    ids = tokenizer(resolve_text("news", "eval"), add_special_tokens=False)["input_ids"]
+    prompts = [ids[17 * i : 17 * i + 3 + (i * 7) % 38] for i in range(n)]
+    alone = [served_tokens(server.complete(p)) for p in prompts]
+    with ThreadPoolExecutor(n) as pool:
+        together = [served_tokens(r) for r in pool.map(server.complete, prompts)]
+    assert len({tuple(t) for t in alone}) > n // 2  # different prompts, different answers
+    differ = [i for i in range(n) if together[i] != alone[i]]
+    assert not differ, f"{len(differ)} of {n} concurrent requests changed their tokens: {differ}"
 
 
 def _assert_serves_like_transformers(server: Server, out: Path, tokenizer, prompts=PROMPTS) -> dict:
@@ -96,7 +123,7 @@ def plain(tmp_path_factory, tiny_tokenizer):
 def plain_server(request, plain):
     _, out, vec, _ = plain
     extra = ("--enable-prompt-tokens-details", "--steer", f"up={vec}", "--steer-max-strength", "4")
-    server = Server(out, *_args(request.param, *extra))
+    server = _server(out, request.param, *extra)
     yield server
     server.stop()
 
@@ -106,6 +133,10 @@ def test_unpatched_checkpoint_serves_transformers_greedy_tokens(plain, plain_ser
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config  # a plain checkpoint: the plugin must leave it alone
     _assert_serves_like_transformers(plain_server, out, tokenizer)
+
+
+def test_unpatched_answers_do_not_depend_on_server_load(plain, plain_server):
+    _assert_batch_invariant(plain_server, plain[3])
 
 
 def test_served_checkpoint_answers_chat(plain_server):
@@ -122,6 +153,7 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(plain_server):
     assert 400 <= _status(url, b'{"model": "x", "prompt": ') < 500  # truncated JSON
     assert 400 <= _status(url, json.dumps({**good, "max_tokens": -3}).encode()) < 500
     assert 400 <= _status(url, json.dumps({**good, "model": "no-such-model"}).encode()) < 500
+    assert _status(url, json.dumps({**good, "n": 10_000, "temperature": 1.0}).encode()) == 400  # the launcher's cap
     with ThreadPoolExecutor(32) as pool:  # then 32 concurrent requests, all answered
         replies = list(pool.map(lambda i: post(url, {**good, "prompt": f"Request {i}:"}), range(32)))
     assert all(r["usage"]["completion_tokens"] == 4 for r in replies)
@@ -191,7 +223,7 @@ def stack(tmp_path_factory, tiny_tokenizer):
     from eigenpatch.format.steering import SteeringVectors
     from eigenpatch.zoo import resolve_text
 
-    config = tiny_config("llama")
+    config = tiny_config("qwen2")
     config.num_key_value_heads = 1  # at TP 2 the single KV head is replicated on both ranks
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -216,7 +248,7 @@ def stack(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def stack_server(request, stack):
-    server = Server(stack[0], *_args(request.param))
+    server = _server(stack[0], request.param)
     yield server
     server.stop()
 
@@ -235,28 +267,25 @@ def test_stacked_checkpoint_serves_transformers_tokens_and_every_piece_matters(s
     assert _status(f"{stack_server.url}/v1/completions", json.dumps(ask).encode()) == 400
 
 
-# -- one server each: Qwen2's q/k/v biases, the block-structured FFNs --------------------------
-@pytest.mark.parametrize(
-    ("kind", "tp"), [("qwen2-mixed", 1), ("blockdense", 1), ("blockshuffle", 2)], ids=lambda v: str(v)
-)
+def test_patched_answers_do_not_depend_on_server_load(stack_server, tiny_tokenizer):
+    _assert_batch_invariant(stack_server, tiny_tokenizer)
+
+
+# -- one server each: the block-structured FFNs ---------------------------------------------
+@pytest.mark.parametrize(("kind", "tp"), [("blockdense", 1), ("blockshuffle", 2)], ids=lambda v: str(v))
 def test_checkpoint_kind_serves_transformers_greedy_tokens(kind, tp, tmp_path_factory, tiny_tokenizer):
-    """``qwen2-mixed``: fused qkv with biases and mixed shards (eager). Structured FFNs: the block
-    kinds run their batched matmuls, TP 2 splitting by blocks (gate/up by output blocks, down_proj by
-    input blocks + all-reduce); transformers decodes through the merged dense form (premerge 4
-    tokens), vLLM through the structure. ``blockdense`` is compiled, the others eager."""
-    from eigenpatch.patchers import SVD, StructuredFFN
+    """The block kinds run their batched matmuls, TP 2 splitting by blocks (gate/up by output
+    blocks, down_proj by input blocks + all-reduce); transformers decodes through the merged dense
+    form (premerge 4 tokens), vLLM through the structure. TP 1 is compiled, TP 2 eager."""
+    from eigenpatch.patchers import StructuredFFN
 
     torch.manual_seed(2)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind.split("-")[0]), dtype=torch.float32).eval()
-    if kind == "qwen2-mixed":
-        config, extra = SVD(ratio=0.5, targets=MIXED_TARGETS), ("--enforce-eager",)
-    else:
-        config, extra = StructuredFFN(structure=kind, whiten=False, premerge=4), ()
-    eigenpatch.patch(model, config, show_progress=False)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
+    eigenpatch.patch(model, StructuredFFN(structure=kind, whiten=False, premerge=4), show_progress=False)
     out = eigenpatch.save(
         model, tmp_path_factory.mktemp("serve-kind") / f"tiny-{kind}-tp{tp}", tokenizer=tiny_tokenizer
     )
-    server = Server(out, *_args(tp, *extra))
+    server = _server(out, tp)
     try:
         _assert_serves_like_transformers(server, out, tiny_tokenizer)
     finally:
@@ -269,3 +298,12 @@ def test_serve_refuses_a_folder_without_config(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path)]) == EXIT_USAGE
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_launcher_caps_n_unless_the_user_sets_it(monkeypatch):
+    from eigenpatch.serving.launcher import DEFAULT_MAX_N, server_env
+
+    monkeypatch.delenv("VLLM_MAX_N_SEQUENCES", raising=False)
+    assert server_env([])["VLLM_MAX_N_SEQUENCES"] == str(DEFAULT_MAX_N)
+    monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "512")
+    assert server_env([])["VLLM_MAX_N_SEQUENCES"] == "512"

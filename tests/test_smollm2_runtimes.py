@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from vllm_server import Server, hf_greedy_logprobs, post, served_logprobs, served_tokens
+from vllm_server import IN_PROCESS_WORKER, Server, hf_greedy_logprobs, post, served_logprobs, served_tokens
 
 import eigenpatch
 
@@ -95,7 +95,7 @@ def test_vllm_serves_transformers_tokens_and_logprobs(stacked):
     out, tokenizer, _ = stacked
     # Eager: compiling 30 layers costs 3 of this server's 4 minutes; the compiled paths of the same
     # modules are served by test_serving.py's tiny TP 1 servers.
-    server = Server(out, "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager")
+    server = Server(out, "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", env=IN_PROCESS_WORKER)
     try:
         replies = [server.complete(prompt, max_tokens=GREEDY) for prompt in PROMPTS]
         chat = post(

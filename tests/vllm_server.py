@@ -21,6 +21,13 @@ from transformers import LlamaConfig, Qwen2Config
 
 import eigenpatch
 
+#: For TP 1 test servers: the model runs in vLLM's engine process instead of a worker process of
+#: its own. The same model runner and plugin code, one Python start fewer (~35 s on two cores:
+#: importing vLLM alone takes ~30 s here). On CPU vLLM allows this only without its V1
+#: multiprocessing, whose OMP thread binding is then skipped: that costs speed, not results.
+#: TP 2 servers, the SmolLM2 server and the fault tests keep vLLM's own topology (what users run).
+IN_PROCESS_WORKER = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -56,7 +63,7 @@ class Server:
 
     live: Server | None = None
 
-    def __init__(self, model_dir: Path, *extra: str) -> None:
+    def __init__(self, model_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         if Server.live is not None:
             Server.live.stop()
         Server.live = self
@@ -66,7 +73,9 @@ class Server:
         cmd = [sys.executable, "-m", "eigenpatch.cli", "serve", str(model_dir), "--port", str(self.port), *extra]
         self.log = model_dir.parent / f"{model_dir.name}-server.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+            )
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -80,7 +89,7 @@ class Server:
         self.stop()
         raise AssertionError(f"server not healthy after 600 s:\n{self.log.read_text()[-4000:]}")
 
-    def complete(self, prompt: str, max_tokens: int = 16) -> dict:
+    def complete(self, prompt: str | list[int], max_tokens: int = 16) -> dict:
         payload = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         return post(f"{self.url}/v1/completions", {**payload, "logprobs": 1, "return_tokens_as_token_ids": True})
 
