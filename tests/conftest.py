@@ -20,6 +20,27 @@ from transformers import (
     Qwen2Config,
 )
 
+# Under pytest-xdist (`-n 2`, set in pyproject.toml) each worker gets its share of the cores: two
+# workers at two torch threads each on two cores would contend in OpenMP's spin-waits.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+#: Modules that take minutes (SmolLM2 builds, vLLM servers, ONNX exports), longest first: started
+#: first, so the two workers do not end with one of them alone on a long module.
+SLOW_MODULES = (
+    "test_smollm2_runtimes.py",
+    "test_serving.py",
+    "test_real_model.py",
+    "test_contract.py",
+    "test_serve_faults.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))  # stable: file order otherwise
+
+
 TINY_VOCAB = 512
 # head_dim >= 32 keeps these usable by vLLM's CPU attention (it supports 32, 64, 80, ...).
 _COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, head_dim=32)

@@ -154,9 +154,19 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(plain_server):
     assert 400 <= _status(url, json.dumps({**good, "max_tokens": -3}).encode()) < 500
     assert 400 <= _status(url, json.dumps({**good, "model": "no-such-model"}).encode()) < 500
     assert _status(url, json.dumps({**good, "n": 10_000, "temperature": 1.0}).encode()) == 400  # the launcher's cap
-    with ThreadPoolExecutor(32) as pool:  # then 32 concurrent requests, all answered
-        replies = list(pool.map(lambda i: post(url, {**good, "prompt": f"Request {i}:"}), range(32)))
-    assert all(r["usage"]["completion_tokens"] == 4 for r in replies)
+    # then 32 concurrent requests, all answered: seeded sampling (n = 2) with prompts that overflow one engine
+    # step's 512 tokens, so prefills are split and their sampled tokens discarded (on CPU that used
+    # to stop the engine: serving/vllm_cpu_fixes.py), and each seed's tokens are those it gets alone
+    seeded = [
+        {**good, "prompt": "The fire spread towards the town. " * (2 + i % 12), "temperature": 1.0, "seed": i, "n": 2}
+        for i in range(32)
+    ]
+    seeded = [{**r, "logprobs": 1, "return_tokens_as_token_ids": True} for r in seeded]
+    with ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(lambda r: post(url, r), seeded))
+    assert all(r["usage"]["completion_tokens"] == 2 * 4 for r in replies)
+    for i in (0, 17, 31):
+        assert served_tokens(post(url, seeded[i])) == served_tokens(replies[i]), f"seed {i}"
 
 
 def test_per_request_steering_over_http(plain, plain_server):
