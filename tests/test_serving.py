@@ -154,14 +154,13 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(plain_server):
     assert 400 <= _status(url, json.dumps({**good, "max_tokens": -3}).encode()) < 500
     assert 400 <= _status(url, json.dumps({**good, "model": "no-such-model"}).encode()) < 500
     assert _status(url, json.dumps({**good, "n": 10_000, "temperature": 1.0}).encode()) == 400  # the launcher's cap
-    # then 32 concurrent requests, all answered: seeded sampling (n = 2) with prompts that overflow one engine
-    # step's 512 tokens, so prefills are split and their sampled tokens discarded (on CPU that used
-    # to stop the engine: serving/vllm_cpu_fixes.py), and each seed's tokens are those it gets alone
+    # then 32 concurrent requests, all answered: seeded sampling (n = 2) with prompts that overflow
+    # one engine step's 512 tokens, so prefills are split and their sampled tokens discarded (on CPU
+    # that used to stop the engine: serving/vllm_cpu_fixes.py); each seed's tokens are those it gets alone
+    sampled = {"temperature": 1.0, "n": 2, "logprobs": 1, "return_tokens_as_token_ids": True}
     seeded = [
-        {**good, "prompt": "The fire spread towards the town. " * (2 + i % 12), "temperature": 1.0, "seed": i, "n": 2}
-        for i in range(32)
+        {**good, **sampled, "prompt": "The fire spread towards the town. " * (2 + i % 12), "seed": i} for i in range(32)
     ]
-    seeded = [{**r, "logprobs": 1, "return_tokens_as_token_ids": True} for r in seeded]
     with ThreadPoolExecutor(32) as pool:
         replies = list(pool.map(lambda r: post(url, r), seeded))
     assert all(r["usage"]["completion_tokens"] == 2 * 4 for r in replies)
