@@ -25,11 +25,16 @@ def test_every_kind_has_a_fixture():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_old_checkpoint_loads_with_identical_logits(kind):
+    """The stored logits were computed on another CPU, whose GEMM kernels round differently (AVX2 vs
+    AVX-512/AMX differ by ~1e-7 here): equal within 1e-5, far below what a renamed, missing or
+    re-initialized tensor does (order 1). Both load paths agree bit for bit on one machine."""
     expected = load_file(str(FIXTURES / kind / "expected_logits.safetensors"))
+    outputs = []
     for model in (eigenpatch.load(FIXTURES / kind), AutoModelForCausalLM.from_pretrained(FIXTURES / kind)):
         with torch.no_grad():
-            logits = model.eval()(input_ids=expected["input_ids"]).logits
-        assert torch.equal(logits, expected["logits"]), kind
+            outputs.append(model.eval()(input_ids=expected["input_ids"]).logits)
+        torch.testing.assert_close(outputs[-1], expected["logits"], rtol=1e-5, atol=1e-5, msg=kind)
+    assert torch.equal(outputs[0], outputs[1]), kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
