@@ -2,6 +2,11 @@
 
     python bench/compress_quality.py                           # SmolLM2-135M, R in {0.2, 0.4, 0.5}
     python bench/compress_quality.py --ratios 0.5 --methods svd loss+fwhiten --calib-windows 32
+    python bench/compress_quality.py --ratios 0.4 0.5 --methods loss+fwhiten seq:loss+fwhiten --calib-windows 32
+
+A ``seq:`` method fits its factor pairs layer by layer on propagated inputs and refines each layer
+(``patch-model``'s default), ``seq0:`` without the refinement, at the same global ranks as the
+one-shot method of the same name (``--one-shot``).
 
 Calibration statistics are gathered once (timed separately) and shared by every method that
 needs them. Per method: perplexity on two held-out texts (wiki, news), parameters, bytes on
@@ -27,6 +32,7 @@ from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.format.checkpoint import weights_bytes
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import LowRank, parse_method
+from eigenpatch.patchers.lowrank.cli import DEFAULT_REFINE_STEPS
 from eigenpatch.patchers.lowrank.transform import calibration_stats
 from eigenpatch.patchers.targets import find_linears
 from eigenpatch.recipe import PatchContext, count_parameters
@@ -34,12 +40,25 @@ from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table
 from eigenpatch.zoo import resolve_text
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["svd", "uniform+whiten", "welore+svd", "welore+fwsvd", "welore+whiten", "loss+whiten", "loss+fwhiten"]
+METHODS = ["svd", "uniform+whiten", "welore+svd", "welore+fwsvd", "welore+whiten", "loss+whiten", "loss+fwhiten",
+           "seq0:loss+fwhiten", "seq:loss+fwhiten"]  # fmt: skip
 EVAL_TEXTS = ["wiki", "news"]
 
 
 def evaluate(model: torch.nn.Module, ids: dict[str, torch.Tensor], label: str) -> dict[str, float]:
     return {t: perplexity(model, x, desc=f"{label} {t}").ppl for t, x in ids.items()}
+
+
+def layer_by_layer(method: str, refine_steps: int) -> dict[str, object]:
+    """``LowRank`` fields of a method name: ``seq:A+F`` is the layer-by-layer fit (closed form, then
+    ``refine_steps`` of block-local refinement), ``seq0:A+F`` the closed form alone, ``A+F`` one-shot."""
+    prefix, _, name = method.rpartition(":")
+    if prefix not in ("", "seq", "seq0"):
+        raise SystemExit(f"unknown method prefix {prefix!r}: use seq: or seq0:")
+    fields: dict[str, object] = dict(parse_method(name))
+    if prefix:
+        fields.update(sequential=True, refine_steps=refine_steps if prefix == "seq" else 0)
+    return fields
 
 
 def main() -> None:
@@ -50,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4096, help="eval tokens per text")
     parser.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS)
     parser.add_argument("--fisher-windows", type=int, default=DEFAULT_FISHER_WINDOWS)
+    parser.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS, help="per layer, for seq: methods")
     parser.add_argument("--out", type=Path, default=RESULTS / "compress_quality.json")
     args = parser.parse_args()
 
@@ -62,7 +82,7 @@ def main() -> None:
     calib_cfg = LowRank(calib_windows=args.calib_windows, fisher_windows=args.fisher_windows)
     context = PatchContext(tokenizer=tokenizer, calib_text=resolve_text("wiki", split="calib"))
     stats = calibration_stats(model, find_linears(model, calib_cfg.targets), calib_cfg, context)
-    needed = {part for m in args.methods if m != "svd" for part in parse_method(m).values()}
+    needed = {part for m in args.methods if m != "svd" for part in parse_method(m.rpartition(":")[2]).values()}
     calibration = {}
     for name, wanted in (("whitening", {"whiten", "fwhiten", "loss"}), ("input_fisher", {"fwsvd"}),
                          ("output_scale", {"fwhiten", "loss"})):  # fmt: skip
@@ -76,7 +96,7 @@ def main() -> None:
         for method in args.methods:
             model, _, folder = load_model(args.model)
             config = LowRank(ratio=ratio, calib_windows=args.calib_windows, fisher_windows=args.fisher_windows,
-                             **parse_method(method))  # fmt: skip
+                             **layer_by_layer(method, args.refine_steps))  # fmt: skip
             reset_peak_rss()
             start = time.perf_counter()
             report = eigenpatch.patch(

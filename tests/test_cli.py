@@ -150,4 +150,14 @@ def test_data_aware_method_from_the_cli(tiny_dir_with_tokenizer, tmp_path, capsy
     recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
     assert recipe[0]["allocator"] == "welore" and recipe[0]["factorizer"] == "whiten"
     assert recipe[0]["calib_windows"] == 4
+    assert recipe[0]["sequential"] and recipe[0]["refine_steps"] == 64  # layer by layer by default
     assert (out / "tokenizer.json").is_file()
+    one_shot = tmp_path / "one-shot"
+    assert (
+        patch_model_main(
+            [*argv, "--calib-windows", "4", "--calib-seq-len", "32", "--one-shot", "-o", str(one_shot), "-q"]
+        )
+        == 0
+    )
+    recipe = json.loads((one_shot / "config.json").read_text())["quantization_config"]["recipe"]
+    assert not recipe[0]["sequential"] and recipe[0]["refine_steps"] == 0

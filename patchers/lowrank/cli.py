@@ -15,6 +15,8 @@ from eigenpatch.table import fmt_count
 
 #: What ``--compress`` uses unless ``--method`` says otherwise.
 DEFAULT_METHOD = "loss+fwhiten"
+#: Block-local refinement steps per layer in the default layer-by-layer fit (bench/compress_quality.py).
+DEFAULT_REFINE_STEPS = 64
 
 
 def method_label(step: dict[str, Any]) -> str:
@@ -49,6 +51,21 @@ class LowRankPiece(CliPiece):
             "--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME", help="Linear names to compress"
         )
         g.add_argument(
+            "--one-shot",
+            action="store_true",
+            help="fit every factor pair on the dense model's statistics at once (faster, worse). By default "
+            "whiten/fwhiten pairs are fitted layer by layer on the inputs the compressed layers before them "
+            "produce, then refined (see docs/compression.md)",
+        )
+        g.add_argument(
+            "--refine-steps",
+            type=int,
+            default=DEFAULT_REFINE_STEPS,
+            metavar="N",
+            help="layer by layer: Adam steps per layer on its factor pairs so its output matches the dense "
+            "layer's (0: closed-form fit only; default %(default)s)",
+        )
+        g.add_argument(
             "--fisher-windows",
             type=int,
             default=DEFAULT_FISHER_WINDOWS,
@@ -60,6 +77,8 @@ class LowRankPiece(CliPiece):
 
         if args.compress is None:
             return None
+        if args.refine_steps < 0:
+            raise UsageError(f"--refine-steps must be 0 or more, got {args.refine_steps}")
         parts = parse_method(args.method)
         common = {"ratio": args.compress, "targets": _targets(args, earlier)}
         if args.method == "svd":
@@ -71,6 +90,8 @@ class LowRankPiece(CliPiece):
             calib_seq_len=args.calib_seq_len,
             fisher_windows=args.fisher_windows,
             seed=args.seed,
+            sequential=not args.one_shot,
+            refine_steps=0 if args.one_shot else args.refine_steps,
         )
 
     def output_name(self, args: argparse.Namespace) -> str:
@@ -83,8 +104,9 @@ class LowRankPiece(CliPiece):
         ]
 
     def summary_lines(self, step: dict[str, Any]) -> list[str]:
+        how = ", layer by layer" if "sequential" in step else ""
         return [
-            f"{method_label(step)}: {step['factorized']} matrices factorized, {step['kept_dense']} kept dense, "
+            f"{method_label(step)}{how}: {step['factorized']} matrices factorized, {step['kept_dense']} kept dense, "
             f"{step['seconds']} s"
         ]
 

@@ -34,6 +34,15 @@ class LowRank(TransformConfig):
     calib_seq_len: int = DEFAULT_SEQ_LEN
     fisher_windows: int = DEFAULT_FISHER_WINDOWS
     seed: int = DEFAULT_SEED
+    #: Fit whitening factor pairs layer by layer on the inputs the compressed layers before them
+    #: produce, against the dense outputs (:mod:`eigenpatch.patchers.lowrank.propagate`). Only
+    #: ``whiten`` and ``fwhiten`` read it; the allocation stays global either way.
+    sequential: bool = False
+    #: Sequential only: the ridge towards the dense weight, as a fraction of the input Gram's mean diagonal.
+    damp: float = 0.1
+    #: Sequential only: Adam steps per layer on its factor pairs so the layer's output matches the dense one.
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -46,6 +55,11 @@ class LowRank(TransformConfig):
     @property
     def needs_data(self) -> bool:
         return self.factorizer != "svd" or ALLOCATORS[self.allocator][1] == "loss"
+
+    @property
+    def propagates(self) -> bool:
+        """Whether the factor pairs are fitted layer by layer (``sequential`` and a whitening factorizer)."""
+        return self.sequential and self.factorizer in ("whiten", "fwhiten")
 
     def touched_linears(self) -> tuple[str, ...]:
         return self.targets

@@ -1,0 +1,157 @@
+"""Propagated-input factorization: each matrix fitted to the dense outputs on the compressed model's inputs.
+
+Run by the layer-by-layer engine (:mod:`eigenpatch.sequential`). Within a decoder layer the
+Linears are taken in the order they run, grouped by shared input (q/k/v, then o, then gate/up,
+then down), so o_proj is fitted on the outputs of the already-compressed q/k/v, and down_proj
+on those of the compressed gate/up.
+
+For a Linear ``W`` whose input is ``x`` in the dense stream and ``x'`` in the propagated one
+(the same token after the compressed layers before it), the factor pair ``B = up @ down`` of rank
+``r`` minimizes
+
+    sum_t ||C (W x_t - B x'_t)||^2 + lam ||C (W - B) ||_F^2
+
+(``C = diag(output scale)`` for ``fwhiten``, ``I`` for ``whiten``). With ``H' = sum x' x'^T`` and
+the cross term ``X = sum x x'^T``, its unconstrained minimizer is
+
+    B* = W (X + lam I) (H' + lam I)^-1,
+
+and because the residual of ``B*`` is orthogonal to every ``B x'``, the error of any ``B`` is that
+of ``B*`` plus ``||C (B* - B) R||_F^2`` with ``R R^T = H' + lam I``. So the best rank-``r`` pair is
+today's whitening factorizer applied to ``B*`` instead of ``W``: whitening with the *propagated*
+covariance and the closed-form least-squares refit against the *original* outputs, in one exact
+step (SVD-LLM v2 and AA-SVD fit the same objective in two). ``lam`` (a fraction ``damp`` of
+``H'``'s mean diagonal, as GPTQ damps its Hessian) pulls ``B*`` towards ``W`` in directions the
+calibration tokens barely excite, instead of towards zero; with ``x' = x`` and ``lam = 0`` it is
+exactly today's ``whiten``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eigenpatch.format.lowrank import LowRankLinear
+from eigenpatch.patchers.lowrank.factorize import factorize, whitening
+from eigenpatch.patchers.targets import replace_module
+from eigenpatch.sequential import LayerStep, call_layer
+
+#: ``lam = DAMP * mean(diag(H'))``: the ridge towards the dense weight (see the module docstring).
+DAMP = 0.1
+#: Adam's learning rate for block-local refinement of the factor pairs.
+REFINE_LR = 1e-4
+
+
+def input_groups(step: LayerStep, names: list[str]) -> list[list[str]]:
+    """``names`` (relative to the layer) in the order the layer runs them, grouped by shared input tensor."""
+    order: list[tuple[str, int]] = []
+    handles = [
+        step.layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: order.append((name, args[0].data_ptr()))
+        )
+        for name in names
+    ]
+    try:
+        call_layer(step.layer, step.inputs[0], step.kwargs[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for name, ptr in order:
+        if groups and ptr == last_ptr:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_ptr = ptr
+    return groups
+
+
+def paired_statistics(step: LayerStep, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H', X)``: the propagated input's Gram matrix and its cross term with the dense input (fp64 sums)."""
+    gram = cross = None
+    for dense_x, x in step.paired_inputs(module):
+        dim = x.shape[-1]
+        dense_x, x = dense_x.reshape(-1, dim).float(), x.reshape(-1, dim).float()
+        g, c = (x.T @ x).double(), (dense_x.T @ x).double()  # fp32 products per batch, fp64 sums
+        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+    return gram, cross
+
+
+def refit(
+    weight: torch.Tensor,
+    rank: int,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    out_scale: torch.Tensor | None = None,
+    damp: float = DAMP,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` of rank ``rank`` minimizing the propagated-input objective (module docstring)."""
+    w = weight.detach().to(torch.float64)
+    lam = damp * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    scaling = whitening(gram + lam * eye)  # full rank: the inverse is exact
+    best = (w @ (cross + lam * eye)) @ scaling.inverse.T @ scaling.inverse  # B* = W (X + lam I) (H' + lam I)^-1
+    up, down = factorize(best, rank, scaling, out_scale)
+    return up.to(weight.dtype), down.to(weight.dtype)
+
+
+def refine_layer(step: LayerStep, steps: int, lr: float = REFINE_LR) -> dict[str, float]:
+    """Block-local refinement: Adam on the layer's factor pairs (nothing else) so that the whole
+    layer's output on its propagated inputs matches the dense stream's next hidden states.
+
+    Returns the mean squared error before and after; the factors are restored when it did not drop.
+    """
+    factors = [p for m in step.layer.modules() if isinstance(m, LowRankLinear) for p in (m.lowrank_up, m.lowrank_down)]
+    targets = step.dense_outputs()
+
+    def error() -> float:
+        return sum(
+            F.mse_loss(call_layer(step.layer, h, kw), t).item()
+            for h, kw, t in zip(step.inputs, step.kwargs, targets, strict=True)
+        ) / len(targets)
+
+    before, saved = error(), [p.detach().clone() for p in factors]
+    flags = [(p, p.requires_grad) for p in step.layer.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(factors, lr=lr)
+    try:
+        with torch.enable_grad():
+            for i in range(steps):
+                b = i % len(targets)
+                out = step.layer(step.inputs[b], **step.kwargs[b])
+                loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, targets[b])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    after = error()
+    if not after < before:
+        with torch.no_grad():
+            for p, s in zip(factors, saved, strict=True):
+                p.copy_(s)
+        after = before
+    return {"before": before, "after": after}
+
+
+def factorize_layer(
+    step: LayerStep,
+    ranks: Mapping[str, int],
+    out_scales: Mapping[str, torch.Tensor | None],
+    damp: float = DAMP,
+) -> None:
+    """Replace each Linear of ``ranks`` (names relative to the layer) in ``step.layer`` by its refitted pair."""
+    for group in input_groups(step, list(ranks)):
+        gram, cross = paired_statistics(step, group[0])  # the group shares one input
+        for name in group:
+            linear: nn.Linear = step.layer.get_submodule(name)
+            up, down = refit(linear.weight, ranks[name], gram, cross, out_scales.get(name), damp)
+            replace_module(step.layer, name, LowRankLinear.from_factors(up, down, linear.bias))
