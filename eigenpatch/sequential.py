@@ -24,6 +24,7 @@ padding, so every batch of one shape shares its arguments.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,8 +195,6 @@ def run_layers(
     fp32. After ``visit`` patches layer ``i``, the dense stream advances through the frozen copy
     and the propagated one through the patched layer.
     """
-    import time
-
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
