@@ -82,7 +82,7 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
 
 
 @contextmanager
-def _trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
     """Only ``params`` require grad inside the block; every flag is restored afterwards."""
     previous = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
@@ -154,7 +154,7 @@ def collect_fisher(
     """
     fisher = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
     device = next(model.parameters()).device
-    with _trainable_only(model, [lin.weight for lin in linears.values()]):
+    with trainable_only(model, [lin.weight for lin in linears.values()]):
         for window in tqdm(windows, desc="fisher", unit="window", disable=not show_progress):
             ids = window[None].to(device)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -196,7 +196,7 @@ def collect_output_fisher(
     handles.append(model.get_input_embeddings().register_forward_hook(grad_from_embeddings))
     device = next(model.parameters()).device
     batches = tqdm(_batches(windows, batch_size), desc="output fisher", unit="batch", disable=not show_progress)
-    with _trainable_only(model, []), _hooks(handles):
+    with trainable_only(model, []), _hooks(handles):
         for batch in batches:
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits

@@ -9,6 +9,7 @@ from torch import nn
 
 from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from eigenpatch.errors import UsageError
+from eigenpatch.patchers.lowrank.propagate import DAMP, REFINE_LR
 from eigenpatch.patchers.lowrank.ranks import ALLOCATORS, check_ratio
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
 from eigenpatch.recipe import TransformConfig
@@ -39,10 +40,10 @@ class LowRank(TransformConfig):
     #: ``whiten`` and ``fwhiten`` read it; the allocation stays global either way.
     sequential: bool = False
     #: Sequential only: the ridge towards the dense weight, as a fraction of the input Gram's mean diagonal.
-    damp: float = 0.1
+    damp: float = DAMP
     #: Sequential only: Adam steps per layer on its factor pairs so the layer's output matches the dense one.
     refine_steps: int = 0
-    refine_lr: float = 1e-4
+    refine_lr: float = REFINE_LR
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)

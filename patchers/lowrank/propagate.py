@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eigenpatch.calibration import trainable_only
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers.lowrank.factorize import factorize, whitening
 from eigenpatch.patchers.targets import replace_module
@@ -115,24 +116,15 @@ def refine_layer(step: LayerStep, steps: int, lr: float = REFINE_LR) -> dict[str
         ) / len(targets)
 
     before, saved = error(), [p.detach().clone() for p in factors]
-    flags = [(p, p.requires_grad) for p in step.layer.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in factors:
-        p.requires_grad_(True)
     optimizer = torch.optim.Adam(factors, lr=lr)
-    try:
-        with torch.enable_grad():
-            for i in range(steps):
-                b = i % len(targets)
-                out = step.layer(step.inputs[b], **step.kwargs[b])
-                loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, targets[b])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with trainable_only(step.layer, factors), torch.enable_grad():
+        for i in range(steps):
+            b = i % len(targets)
+            out = step.layer(step.inputs[b], **step.kwargs[b])
+            loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, targets[b])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     after = error()
     if not after < before:
         with torch.no_grad():
