@@ -22,6 +22,7 @@ from torch import nn
 
 from eigenpatch.errors import UsageError
 from eigenpatch.format.checkpoint import attach_format
+from eigenpatch.sequential import LayerSource
 
 
 @dataclass
@@ -33,7 +34,7 @@ class TransformConfig:
     :meth:`from_dict`); ``needs_data`` says the transform reads calibration text (the CLI then
     loads it and demands a tokenizer); ``needs_teacher`` asks :func:`patch` for a frozen copy of
     the model as it was before the recipe ran (distillation); ``resumable`` asks for a state
-    folder that survives an interrupted run. A subclass may turn ``needs_data`` into a property
+    folder that survives an interrupted run; ``streams`` see below. A subclass may turn ``needs_data`` into a property
     when it depends on the config's fields.
     """
 
@@ -42,6 +43,10 @@ class TransformConfig:
     needs_data: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     resumable: ClassVar[bool] = False
+    #: The handler reaches decoder layers only through ``context.layers`` (one at a time), so the
+    #: recipe can run on a model too big for memory (:mod:`eigenpatch.lazy`). A property where it
+    #: depends on the config's fields.
+    streams: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -95,6 +100,9 @@ class PatchContext:
     #: Called as ``on_step(transform_name, step, model)`` after each training step of transforms
     #: that train: benchmarks evaluate intermediate models through it.
     on_step: Callable[[str, int, nn.Module], None] | None = None
+    #: Where the decoder layers live (:class:`~eigenpatch.sequential.LayerSource`); None: all in
+    #: ``model``. Only handlers of ``streams`` configs are given a lazy one.
+    layers: LayerSource | None = None
 
 
 @dataclass
@@ -174,13 +182,15 @@ def patch(
     show_progress: bool = True,
     calibration_cache: dict[Any, Any] | None = None,
     state_dir: str | Path | None = None,
+    layers: LayerSource | None = None,
 ) -> dict[str, Any]:
     """Apply ``recipe`` to ``model`` in place, in order, and describe the result in its config.
 
     Returns the run report (parameter counts before/after, per-transform details, seconds).
     After this, ``save_pretrained`` / :func:`eigenpatch.save` writes the eigenpatch format.
     ``state_dir``: where resumable transforms checkpoint; rerunning the same recipe
-    with the same ``state_dir`` continues an interrupted run.
+    with the same ``state_dir`` continues an interrupted run. ``layers``: a lazy source of the
+    decoder layers for a skeleton ``model`` (:func:`eigenpatch.lazy.patch_checkpoint` passes it).
     """
     configs = [recipe] if isinstance(recipe, TransformConfig) else list(recipe)
     context = PatchContext(tokenizer=tokenizer, calib_text=calib_text, show_progress=show_progress)
@@ -188,6 +198,11 @@ def patch(
         context.cache = calibration_cache
     if state_dir is not None:
         context.state_dir = Path(state_dir)
+    if layers is not None:
+        lazy = [c.name for c in configs if not c.streams]
+        if lazy:
+            raise UsageError(f"{lazy[0]} needs the whole model in memory; it cannot run layer by layer from disk")
+        context.layers = layers
     if any(c.needs_teacher for c in configs):
         context.teacher = copy.deepcopy(model).eval().requires_grad_(False)
     before = count_parameters(model)

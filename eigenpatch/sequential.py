@@ -24,12 +24,16 @@ padding, so every batch of one shape shares its arguments.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,6 +67,51 @@ def layer_prefix(model: nn.Module, index: int) -> str:
         if module is layer:
             return name + "."
     raise AssertionError("a decoder layer that is not a submodule of its model")
+
+
+class LayerSource:
+    """Where the decoder layers live while an engine pass works through them.
+
+    A pass calls :meth:`load` before it uses layer ``i`` and then either :meth:`drop` (it only
+    read it) or :meth:`done` (it patched it; the layer is final). This base class serves a model
+    that is already in memory, so every call is free; :class:`eigenpatch.lazy.CheckpointLayers`
+    reads each layer from the safetensors shards and writes it out when it is done, so a pass
+    never holds more than one layer. Transforms that go through a source run the same code in
+    both cases.
+    """
+
+    #: Whether a finished layer survives the process (written to disk), so a run can resume after it.
+    persistent = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers = decoder_layers(model)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def load(self, index: int) -> nn.Module:
+        """Layer ``index``, materialized on the model's device."""
+        return self.layers[index]
+
+    def drop(self, index: int) -> None:
+        """The pass is done reading layer ``index`` (unchanged)."""
+
+    def done(self, index: int) -> None:
+        """Layer ``index`` is patched and final."""
+
+
+def layer_source(model: nn.Module, source: LayerSource | None) -> LayerSource:
+    """``source``, or the in-memory source of ``model``."""
+    return source if source is not None else LayerSource(model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's materialized parameters (a lazy skeleton keeps its layers on meta)."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    raise AssertionError("a model without materialized parameters")
 
 
 class _Recorder(nn.Module):
@@ -165,18 +214,99 @@ def capture_input(layer: nn.Module, module: str, hidden: torch.Tensor, kwargs: d
     return seen[0]
 
 
+def record_batches(
+    model: nn.Module, windows: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Per batch of ``windows``: the first layer's input, and the arguments of every layer
+    (``kwargs[batch][layer]``, one shared list per batch shape)."""
+    device = model_device(model)
+    by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    inputs: list[torch.Tensor] = []
+    kwargs_of: list[list[dict[str, Any]]] = []
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i : i + batch_size].to(device)
+            hidden, kwargs = _capture_arguments(model, batch)
+            kwargs_of.append(by_shape.setdefault(tuple(batch.shape), kwargs))
+            inputs.append(hidden)
+    return inputs, kwargs_of
+
+
 @dataclass
 class StreamReport:
-    """What a layer-by-layer run cost: the two streams' size and the seconds per layer."""
+    """What a layer-by-layer run cost and what its visitor recorded per layer."""
 
     stream_bytes: int = 0
     layer_seconds: list[float] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)
+    resumed_at: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stream_bytes": self.stream_bytes, "layer_seconds": [round(s, 2) for s in self.layer_seconds]}
+        out: dict[str, Any] = {
+            "stream_bytes": self.stream_bytes,
+            "layer_seconds": [round(s, 2) for s in self.layer_seconds],
+        }
+        if self.resumed_at is not None:
+            out["resumed_at_layer"] = self.resumed_at
+        return out
 
 
-Visitor = Callable[[LayerStep], None]
+#: A visitor patches (or only reads) ``step.layer``; what it returns is kept in ``StreamReport.records``
+#: (JSON-serializable, so a resumed run has the records of the layers it skipped).
+Visitor = Callable[[LayerStep], Any]
+
+
+@dataclass
+class Resume:
+    """Checkpoints of a layer-by-layer run in ``folder``, valid only for a run with the same ``key``.
+
+    After layer ``k`` both streams go to ``streams-<k>.safetensors`` and then ``progress.json``
+    names it (each written beside its final name and renamed), so a run killed at any moment
+    leaves the last complete pair; the finished layers themselves are the source's to keep.
+    """
+
+    folder: Path
+    key: str
+
+    @property
+    def _progress(self) -> Path:
+        return self.folder / "progress.json"
+
+    def load(
+        self, n_batches: int, device: torch.device
+    ) -> tuple[int, list[torch.Tensor], list[torch.Tensor], list[Any], list[float]] | None:
+        """``(next layer, dense stream, propagated stream, records, seconds)`` of an earlier run, or None."""
+        if not self._progress.is_file():
+            return None
+        state = json.loads(self._progress.read_text())
+        streams = self.folder / state.get("streams", "")
+        if state.get("key") != self.key or not streams.is_file():
+            return None
+        saved = load_file(str(streams), device=str(device))
+        dense = [saved[f"dense.{b}"] for b in range(n_batches)]
+        propagated = [saved[f"propagated.{b}"] for b in range(n_batches)]
+        return state["next"], dense, propagated, state["records"], state["layer_seconds"]
+
+    def save(
+        self,
+        next_layer: int,
+        dense: list[torch.Tensor],
+        propagated: list[torch.Tensor],
+        records: list[Any],
+        seconds: list[float],
+    ) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"streams-{next_layer:05d}.safetensors"
+        tensors = {f"dense.{b}": t.detach().contiguous().cpu() for b, t in enumerate(dense)}
+        tensors |= {f"propagated.{b}": t.detach().contiguous().cpu() for b, t in enumerate(propagated)}
+        save_file(tensors, str(self.folder / (name + ".tmp")))
+        os.replace(self.folder / (name + ".tmp"), self.folder / name)
+        state = {"key": self.key, "next": next_layer, "streams": name, "records": records, "layer_seconds": seconds}
+        (self.folder / "progress.json.tmp").write_text(json.dumps(state))
+        os.replace(self.folder / "progress.json.tmp", self._progress)
+        for old in self.folder.glob("streams-*.safetensors"):
+            if old.name != name:
+                old.unlink()
 
 
 def run_layers(
@@ -184,7 +314,10 @@ def run_layers(
     windows: torch.Tensor,
     visit: Visitor,
     *,
+    source: LayerSource | None = None,
+    propagate: bool = True,
     batch_size: int = 4,
+    resume: Resume | None = None,
     show_progress: bool = True,
     desc: str = "layers",
 ) -> StreamReport:
@@ -192,30 +325,45 @@ def run_layers(
 
     Both streams hold ``len(windows) x seq_len x hidden`` values in the model's dtype on its
     device (reported as ``stream_bytes``): for SmolLM2-135M on 128 x 512 tokens, 2 x 151 MB in
-    fp32. After ``visit`` patches layer ``i``, the dense stream advances through the frozen copy
-    and the propagated one through the patched layer.
+    fp32. After ``visit`` patches layer ``i``, the dense stream advances through a frozen copy of
+    it and the propagated one through the patched layer, and the source is told it is ``done``.
+
+    ``propagate=False`` is a read-only pass: one (dense) stream, no copy, the visitor must not
+    change the layer, and the source drops it. ``resume`` (with a source whose finished
+    layers persist) checkpoints both streams after each layer and, when its folder holds an
+    earlier run of the same key, starts after that run's last finished layer.
     """
-    layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
-    by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-    inputs: list[torch.Tensor] = []
-    kwargs_of: list[list[dict[str, Any]]] = []  # [batch][layer]
-    with torch.no_grad():
-        for batch in batches:
-            hidden, kwargs = _capture_arguments(model, batch)
-            kwargs_of.append(by_shape.setdefault(tuple(batch.shape), kwargs))
-            inputs.append(hidden)
-    dense_in = [h.clone() for h in inputs]
-    report = StreamReport(stream_bytes=2 * sum(h.numel() * h.element_size() for h in inputs))
-    for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not show_progress)):
+    source = layer_source(model, source)
+    if resume is not None and not (propagate and source.persistent):
+        resume = None  # only finished layers on disk make a run resumable
+    dense_in, kwargs_of = record_batches(model, windows, batch_size)
+    inputs = [h.clone() for h in dense_in] if propagate else dense_in
+    report = StreamReport(stream_bytes=(1 + propagate) * sum(h.numel() * h.element_size() for h in dense_in))
+    start_at = 0
+    if resume is not None and (saved := resume.load(len(dense_in), dense_in[0].device)) is not None:
+        start_at, dense_in, inputs, report.records, report.layer_seconds = saved
+        report.resumed_at = start_at
+    bar = tqdm(total=len(source), initial=start_at, desc=desc, unit="layer", disable=not show_progress)
+    for i in range(start_at, len(source)):
         start = time.perf_counter()
-        frozen = copy.deepcopy(layer).requires_grad_(False)
+        layer = source.load(i)
+        frozen = copy.deepcopy(layer).requires_grad_(False) if propagate else layer
         kwargs = [k[i] for k in kwargs_of]
         step = LayerStep(i, layer_prefix(model, i), layer, frozen, dense_in, inputs, kwargs)
-        visit(step)
-        dense_in = step.dense_outputs()
-        inputs = [call_layer(layer, h, kw) for h, kw in zip(inputs, kwargs, strict=True)]
-        del frozen, step
+        report.records.append(visit(step))
+        if propagate:
+            dense_next = step.dense_outputs()
+            for b, kw in enumerate(kwargs):  # in place: one batch at a time is the only extra copy
+                inputs[b] = call_layer(layer, inputs[b], kw)
+            dense_in = dense_next
+            source.done(i)
+        else:
+            dense_in = inputs = step.dense_outputs()
+            source.drop(i)
+        del frozen, step, layer
         report.layer_seconds.append(time.perf_counter() - start)
+        if resume is not None:
+            resume.save(i + 1, dense_in, inputs, report.records, report.layer_seconds)
+        bar.update()
+    bar.close()
     return report

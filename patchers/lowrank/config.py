@@ -62,6 +62,11 @@ class LowRank(TransformConfig):
         """Whether the factor pairs are fitted layer by layer (``sequential`` and a whitening factorizer)."""
         return self.sequential and self.factorizer in ("whiten", "fwhiten")
 
+    @property
+    def streams(self) -> bool:
+        """Layer by layer (and so out of core): the propagated fit, and the data-free ``svd`` factorizer."""
+        return self.propagates or not self.needs_data
+
     def touched_linears(self) -> tuple[str, ...]:
         return self.targets
 

@@ -31,11 +31,10 @@ from eigenpatch.patchers.lowrank.factorize import (
     scaled_spectrum,
     whitening,
 )
-from eigenpatch.patchers.lowrank.propagate import factorize_layer, refine_layer
-from eigenpatch.patchers.lowrank.ranks import ALLOCATORS, Ranks, factorized_params
+from eigenpatch.patchers.lowrank.ranks import ALLOCATORS, factorized_params
+from eigenpatch.patchers.lowrank.streamed import compress_by_layer
 from eigenpatch.patchers.targets import find_linears, replace_module
 from eigenpatch.recipe import PatchContext, TransformResult, register_transform
-from eigenpatch.sequential import LayerStep, run_layers
 
 
 class CalibrationStats:
@@ -108,7 +107,10 @@ def calibration_stats(
 def apply_lowrank(model: nn.Module, config: LowRank, context: PatchContext) -> TransformResult:
     linears = find_linears(model, config.targets)
     shapes = {name: tuple(lin.weight.shape) for name, lin in linears.items()}
-    stats = calibration_stats(model, linears, config, context) if config.needs_data else None
+    if config.streams:  # one layer at a time, in memory or from disk
+        ranks, details = compress_by_layer(model, config, context, shapes)
+        return TransformResult(details={**_details(shapes, ranks), **details})
+    stats = calibration_stats(model, linears, config, context)
     allocate, spectrum_kind = ALLOCATORS[config.allocator]
     spectra: dict[str, torch.Tensor] = {}
     if spectrum_kind is not None:
@@ -118,39 +120,13 @@ def apply_lowrank(model: nn.Module, config: LowRank, context: PatchContext) -> T
             else:
                 spectra[name] = scaled_spectrum(lin.weight)
     ranks = allocate(shapes, config.ratio, spectra)
-    details = _details(shapes, ranks)
-    if config.propagates:
-        details["sequential"] = factorize_sequentially(model, ranks, stats, config, context)
-        return TransformResult(details=details)
     for name, lin in tqdm(linears.items(), desc=config.factorizer, unit="matrix", disable=not context.show_progress):
         if ranks[name] is None:
             continue
-        scaling, out_scale = stats.scalings(config.factorizer, name) if stats is not None else (None, None)
+        scaling, out_scale = stats.scalings(config.factorizer, name)
         up, down = factorize(lin.weight, ranks[name], scaling, out_scale)
         replace_module(model, name, LowRankLinear.from_factors(up, down, lin.bias))
-    return TransformResult(details=details)
-
-
-def factorize_sequentially(
-    model: nn.Module, ranks: Ranks, stats: CalibrationStats, config: LowRank, context: PatchContext
-) -> dict[str, Any]:
-    """Factor pairs fitted layer by layer on propagated inputs (:mod:`.propagate`), at the global ranks."""
-    in_layers: set[str] = set()
-    refined: list[dict[str, float]] = []
-
-    def visit(step: LayerStep) -> None:
-        mine = {n.removeprefix(step.prefix): r for n, r in ranks.items() if n.startswith(step.prefix) and r}
-        in_layers.update(step.prefix + n for n in mine)
-        out = {n: stats.output_scale[step.prefix + n] if config.factorizer == "fwhiten" else None for n in mine}
-        factorize_layer(step, mine, out, config.damp)
-        if config.refine_steps and mine:
-            refined.append(refine_layer(step, config.refine_steps, config.refine_lr))
-
-    report = run_layers(model, stats.windows, visit, show_progress=context.show_progress, desc=config.factorizer)
-    outside = sorted(n for n, r in ranks.items() if r and n not in in_layers)
-    if outside:
-        raise UsageError(f"{outside[0]} is not inside a decoder layer; compress it with sequential=False")
-    return {**report.as_dict(), "refined": refined}
+    return TransformResult(details=_details(shapes, ranks))
 
 
 def _details(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> dict[str, Any]:
