@@ -31,6 +31,45 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_dtype(name: str, folder: Path) -> torch.dtype:
+    """``--dtype``: a name of :data:`DTYPES`, or ``auto`` (the dtype ``config.json`` records; fp32 when none)."""
+    if name != "auto":
+        return parse_dtype(name)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(stored, torch.float32)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``cpu``, ``cuda[:N]``, ``mps`` or ``auto`` (the best available), checked before anything loads."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA device (or this torch build has no CUDA)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported --device {name!r}; use cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The folder's tokenizer, or None when it has no tokenizer files."""
+    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    return None
+
+
 def check_safetensors(folder: Path) -> None:
     """Open every safetensors header: a truncated or non-safetensors file fails here, not mid-load.
 
@@ -104,7 +143,4 @@ def load_model(
         raise UsageError(f"cannot load model from {folder}{hint}: {first}") from None
     model.eval()
     check_finite(model)
-    tokenizer = None
-    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    return model, tokenizer, folder
+    return model, load_tokenizer(folder, trust_remote_code), folder

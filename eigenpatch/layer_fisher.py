@@ -87,6 +87,8 @@ def stream_output_fisher(
     device = hidden[0].device
     batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
     fisher: dict[str, torch.Tensor] = {}
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fisher-", dir=scratch) as tmp:
         boundary = Path(tmp)
         for i in tqdm(range(len(source)), desc="fisher: forward", unit="layer", disable=not show_progress):

@@ -94,7 +94,7 @@ def test_sequential_fits_the_dense_outputs_better_on_its_calibration_tokens(fami
         with torch.no_grad():
             errors[sequential] = (model(input_ids=windows).logits - reference).square().mean().item()
         if sequential:
-            assert len(report["steps"][0]["sequential"]["layer_seconds"]) == model.config.num_hidden_layers
+            assert len(report["steps"][0]["layer_by_layer"]["layer_seconds"]) == model.config.num_hidden_layers
     assert errors[True] < 0.7 * errors[False]
 
 
@@ -109,6 +109,6 @@ def test_refinement_lowers_each_layers_error_or_keeps_the_closed_form():
     config = LowRank(ratio=0.5, allocator="uniform", factorizer="whiten", calib_windows=16, calib_seq_len=64,
                      sequential=True, refine_steps=32, refine_lr=1e-3)  # fmt: skip
     report = eigenpatch.patch(model, config, tokenizer=_Tokens(), calib_text="-", show_progress=False)
-    refined = report["steps"][0]["sequential"]["refined"]
+    refined = report["steps"][0]["layer_by_layer"]["refined"]
     assert len(refined) == model.config.num_hidden_layers
     assert all(r["after"] <= r["before"] for r in refined) and any(r["after"] < 0.95 * r["before"] for r in refined)

@@ -32,8 +32,19 @@ def patch_examples() -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", help="dtype to load and compute in (default: float32)")
+def add_model_args(p: argparse.ArgumentParser, device: bool = False) -> None:
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype to load, compute and save in: float32, bfloat16, float16, or auto (the checkpoint's own); "
+        "decompositions always run in fp32/fp64 (default: float32)",
+    )
+    if device:
+        p.add_argument(
+            "--device",
+            default="cpu",
+            help="where layers compute: cpu, cuda, cuda:N, mps, or auto (the best available) (default: cpu)",
+        )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow architectures with custom code (off by default)"
     )
@@ -67,7 +78,7 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (%(default)s)")
     for piece in pieces():
         piece.add_arguments(p)
-    add_model_args(p)
+    add_model_args(p, device=True)
     add_eval_args(p)
 
 
@@ -93,31 +104,95 @@ def default_output(args: argparse.Namespace) -> Path:
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    import eigenpatch
+    """Run the recipe the flags ask for. A recipe whose transforms all stream (``--compress`` alone,
+    by default) never loads the whole model: its layers are read and written one at a time
+    (:mod:`eigenpatch.lazy`). Anything else, or ``--eval``, loads the model whole."""
     from eigenpatch.cli.summary import summarize_patch
-    from eigenpatch.format.checkpoint import weights_bytes
-    from eigenpatch.hf_io import load_model, parse_dtype
-    from eigenpatch.zoo import resolve_text
+    from eigenpatch.hf_io import check_safetensors, is_patched, resolve_device, resolve_dtype
+    from eigenpatch.zoo import resolve_model, resolve_text
 
     recipe = build_recipe(args)
-    needs_data = any(c.needs_data for c in recipe)
+    device = resolve_device(args.device)  # before anything is loaded
     output = Path(args.output) if args.output else default_output(args)
     if output.exists() and not args.force:
         raise UsageError(f"output {output} already exists; choose another -o/--output or pass --force to replace it")
+    needs_data = any(c.needs_data for c in recipe)
     calib_text = resolve_text(args.calib, split="calib") if needs_data else None
-    dtype = parse_dtype(args.dtype)
     start = time.perf_counter()
-    model, tokenizer, folder = load_model(args.model, dtype, args.trust_remote_code)
+    folder = resolve_model(args.model)
     if folder.resolve() == output.resolve():
         raise UsageError("output folder is the input folder; eigenpatch never modifies its input — pick another -o")
-    if needs_data and tokenizer is None:
+    check_safetensors(folder)
+    dtype = resolve_dtype(args.dtype, folder)
+    check_free_disk(folder, output, dtype)
+    state_dir = output.parent / f".{output.name}.state"  # an interrupted resumable run continues from here
+    if all(c.streams for c in recipe) and not args.eval and not is_patched(folder):
+        report, out = _patch_streamed(args, recipe, folder, output, state_dir, device, dtype, calib_text)
+    else:
+        report, out = _patch_in_memory(args, recipe, folder, output, state_dir, device, dtype, calib_text)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    report.update(peak_memory(device))
+    print(summarize_patch(report, out))
+    return 0
+
+
+def _patch_streamed(
+    args: argparse.Namespace,
+    recipe: list[TransformConfig],
+    folder: Path,
+    output: Path,
+    state_dir: Path,
+    device: Any,
+    dtype: Any,
+    calib_text: str | None,
+) -> tuple[dict[str, Any], Path]:
+    from eigenpatch.format.checkpoint import weights_bytes
+    from eigenpatch.hf_io import load_tokenizer
+    from eigenpatch.lazy import patch_checkpoint
+
+    tokenizer = load_tokenizer(folder, args.trust_remote_code)
+    if calib_text is not None and tokenizer is None:
+        raise needs_text_error(recipe)
+    return patch_checkpoint(
+        folder,
+        recipe,
+        output,
+        state_dir=state_dir,
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        calib_text=calib_text,
+        base_model=args.model,
+        show_progress=not args.quiet,
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+        report_extra={"input_weights_bytes": weights_bytes(folder), "streamed": True},
+    )
+
+
+def _patch_in_memory(
+    args: argparse.Namespace,
+    recipe: list[TransformConfig],
+    folder: Path,
+    output: Path,
+    state_dir: Path,
+    device: Any,
+    dtype: Any,
+    calib_text: str | None,
+) -> tuple[dict[str, Any], Path]:
+    import eigenpatch
+    from eigenpatch.format.checkpoint import weights_bytes
+    from eigenpatch.hf_io import load_model
+
+    model, tokenizer, folder = load_model(folder, dtype, args.trust_remote_code)
+    model.to(device)
+    if calib_text is not None and tokenizer is None:
         raise needs_text_error(recipe)
     evals: dict[str, Any] = {}
     ids = eval_ids(args, tokenizer) if args.eval else None
     if ids is not None:
         evals["before"] = perplexity(model, ids, args, "ppl (base)")
     resumable = any(c.resumable for c in recipe)
-    state_dir = output.parent / f".{output.name}.state"  # an interrupted resumable run continues from here
     report = eigenpatch.patch(
         model,
         recipe,
@@ -131,12 +206,44 @@ def run_patch(args: argparse.Namespace) -> int:
         evals["after"] = perplexity(model, ids, args, "ppl (patched)")
         report["perplexity"] = evals
     report["input_weights_bytes"] = weights_bytes(folder)
-    report["seconds"] = round(time.perf_counter() - start, 2)
     out = eigenpatch.save(model, output, tokenizer=tokenizer, report=report, force=args.force)
     shutil.rmtree(state_dir, ignore_errors=True)  # the run finished: nothing left to resume
     report["weights_bytes"] = weights_bytes(out)
-    print(summarize_patch(report, out))
-    return 0
+    return report, out
+
+
+def check_free_disk(folder: Path, output: Path, dtype: Any) -> None:
+    """Refuse to start when the output's disk cannot hold the input's weights in ``dtype`` (an
+    upper bound: compression only shrinks them), so a long run does not die writing its last shard."""
+    from eigenpatch.format.checkpoint import weights_bytes
+    from eigenpatch.hf_io import resolve_dtype
+    from eigenpatch.table import fmt_bytes
+
+    stored = resolve_dtype("auto", folder).itemsize
+    need = weights_bytes(folder) * dtype.itemsize // stored
+    parent = output.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise UsageError(
+            f"{parent} has {fmt_bytes(free)} free; the output may need up to {fmt_bytes(need)} "
+            f"(the input's weights in {str(dtype).removeprefix('torch.')}); free space or pick another -o"
+        )
+
+
+def peak_memory(device: Any) -> dict[str, int]:
+    """The process's peak resident memory (and the device's peak allocation on CUDA), in bytes."""
+    import resource
+    import sys
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    if getattr(device, "type", None) == "cuda":
+        peak["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
 
 
 def eval_ids(args: argparse.Namespace, tokenizer: Any) -> Any:

@@ -31,5 +31,9 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
     ]
     for step, piece in steps:
         lines.extend(piece.summary_lines(step) if piece is not None else [f"{step['transform']}: {step['seconds']} s"])
+    if "peak_rss_bytes" in report:
+        device = f", device {fmt_bytes(report['peak_device_bytes'])}" if "peak_device_bytes" in report else ""
+        how = " (layer by layer from the shards)" if report.get("streamed") else " (whole model in memory)"
+        lines.append(f"peak memory: RSS {fmt_bytes(report['peak_rss_bytes'])}{device}{how}")
     lines.append(f"total {report['seconds']} s. Load it with: eigenpatch.load({str(out)!r})")
     return "\n".join(lines)

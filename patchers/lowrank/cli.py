@@ -104,7 +104,10 @@ class LowRankPiece(CliPiece):
         ]
 
     def summary_lines(self, step: dict[str, Any]) -> list[str]:
-        how = ", layer by layer" if "sequential" in step else ""
+        engine = step.get("layer_by_layer")
+        how = ", layer by layer" if engine is not None else ""
+        if engine is not None and "resumed_at_layer" in engine:
+            how += f" (resumed at layer {engine['resumed_at_layer']})"
         return [
             f"{method_label(step)}{how}: {step['factorized']} matrices factorized, {step['kept_dense']} kept dense, "
             f"{step['seconds']} s"

@@ -47,11 +47,15 @@ REFINE_LR = 1e-4
 
 
 def input_groups(step: LayerStep, names: list[str]) -> list[list[str]]:
-    """``names`` (relative to the layer) in the order the layer runs them, grouped by shared input tensor."""
-    order: list[tuple[str, int]] = []
+    """``names`` (relative to the layer) in the order the layer runs them, grouped by shared input tensor.
+
+    The inputs themselves are kept until the forward is over: compared by address only, a freed
+    input (v_proj's) and the next one allocated in its place (o_proj's) would look shared.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
     handles = [
         step.layer.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, name=name: order.append((name, args[0].data_ptr()))
+            lambda _m, args, name=name: order.append((name, args[0]))
         )
         for name in names
     ]
@@ -61,13 +65,13 @@ def input_groups(step: LayerStep, names: list[str]) -> list[list[str]]:
         for handle in handles:
             handle.remove()
     groups: list[list[str]] = []
-    last_ptr = None
-    for name, ptr in order:
-        if groups and ptr == last_ptr:
+    last: torch.Tensor | None = None
+    for name, seen in order:
+        if groups and seen is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_ptr = ptr
+        last = seen
     return groups
 
 

@@ -117,7 +117,12 @@ def _scores(
     scales: dict[str, torch.Tensor] = {}
     if kind == "loss" or config.factorizer == "fwhiten":
         fisher = stream_output_fisher(
-            model, names.inside, windows[: config.fisher_windows], source=source, show_progress=context.show_progress
+            model,
+            names.inside,
+            windows[: config.fisher_windows],
+            source=source,
+            scratch=context.state_dir,
+            show_progress=context.show_progress,
         )
         scales = {n: output_weighting(f) for n, f in fisher.items()}
     spectra: dict[str, torch.Tensor] = {}
@@ -227,7 +232,7 @@ def _fit_sequentially(
     report = run_layers(
         model, windows, visit, source=source, resume=resume, show_progress=context.show_progress, desc=config.factorizer
     )
-    return {"sequential": {**report.as_dict(), "refined": [r for r in report.records if r is not None]}}
+    return {"layer_by_layer": {**report.as_dict(), "refined": [r for r in report.records if r is not None]}}
 
 
 def _factorize_each_layer(

@@ -108,6 +108,9 @@ def apply_lowrank(model: nn.Module, config: LowRank, context: PatchContext) -> T
     linears = find_linears(model, config.targets)
     shapes = {name: tuple(lin.weight.shape) for name, lin in linears.items()}
     if config.streams:  # one layer at a time, in memory or from disk
+        # A lazy source materializes these very modules one layer at a time; a reference held here
+        # would keep every replaced dense weight alive to the end of the run.
+        del linears
         ranks, details = compress_by_layer(model, config, context, shapes)
         return TransformResult(details={**_details(shapes, ranks), **details})
     stats = calibration_stats(model, linears, config, context)
