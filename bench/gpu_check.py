@@ -10,7 +10,9 @@ these paths are only exercised here). Steps, each reported even when a later one
 2. build TensorRT engines for both with ``export_onnx(..., tensorrt=True)``;
 3. parity: greedy tokens from the CUDA EP and the TensorRT EP vs PyTorch (fp32: identical expected;
    fp16: agreement reported), max |Δlogits| on the fixed prompts;
-4. batch-1 decode tokens/s on CPU EP, CUDA EP and TensorRT EP.
+4. batch-1 decode tokens/s on CPU EP, CUDA EP and TensorRT EP;
+5. compression layer by layer on ``--device cuda`` (the CLI's default method on 16 windows), beside the
+   same command on CPU: seconds, peak RSS and device memory, perplexity of both outputs.
 
 Writes ``bench/results/gpu_check.json``; exit code 1 if any step failed.
 """
@@ -123,8 +125,39 @@ def main() -> int:
                 continue
             for provider in ("CPU", "CUDA", "Tensorrt"):
                 step(f"{precision} on {provider}", lambda f=folder, pr=provider: provider_parity(f, pr, prompts, refs))
+        if not args.tiny:
+            step("compress layer by layer: cuda vs cpu", lambda: compress_on_devices(args.model, Path(tmp)))
     write_result(args.out, report)
     return 1 if failed else 0
+
+
+def compress_on_devices(model: str, tmp: Path) -> dict[str, Any]:
+    """``patch-model --compress 0.5 --device D`` for cuda and cpu, in child processes (each its own peaks)."""
+    import subprocess
+    import sys
+
+    from eigenpatch.evaluate import perplexity, tokenize
+    from eigenpatch.hf_io import load_tokenizer
+    from eigenpatch.zoo import resolve_text
+
+    result: dict[str, Any] = {}
+    for device in ("cuda", "cpu"):
+        out = tmp / f"compressed-{device}"
+        cmd = [sys.executable, "-m", "eigenpatch.cli", "patch", model, "--compress", "0.5", "--device", device]
+        cmd += ["--calib-windows", "16", "--fisher-windows", "8", "--refine-steps", "16", "-o", str(out), "-q"]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        seconds = round(time.perf_counter() - start, 1)
+        report = json.loads((out / "eigenpatch_report.json").read_text())
+        patched = eigenpatch.load(out)
+        ids = tokenize(load_tokenizer(out), resolve_text("wiki", split="eval"), 16384)
+        result[device] = {
+            "seconds": seconds,
+            "peak_rss_bytes": report.get("peak_rss_bytes"),
+            "peak_device_bytes": report.get("peak_device_bytes"),
+            "ppl_wiki": perplexity(patched, ids, show_progress=False).ppl,
+        }
+    return result
 
 
 def _strip(meta: dict[str, Any]) -> dict[str, Any]:

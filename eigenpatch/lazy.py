@@ -16,12 +16,10 @@ renamed into place, and checked before that.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +36,7 @@ from eigenpatch.errors import UsageError
 from eigenpatch.format import REPORT_FILE
 from eigenpatch.format.checkpoint import verify_checkpoint, weights_bytes
 from eigenpatch.format.verify import REBUILD, CheckpointError
+from eigenpatch.memory import peak_memory, release_freed_memory
 from eigenpatch.recipe import TransformConfig, patch
 from eigenpatch.sequential import LayerSource, layer_prefix
 
@@ -61,29 +60,6 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     else:
         owner._buffers[leaf] = value
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the last layer back to the OS. glibc keeps freed blocks below its
-    (self-raising) mmap threshold in its heap, so a layer-by-layer run that frees a layer and
-    allocates the next sees its RSS climb to twice what it uses; ``malloc_trim`` costs about a
-    millisecond per layer. A no-op elsewhere."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 (musl has none)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
 
 
 def _shard_name(index: int, total: int) -> str:
@@ -280,6 +256,7 @@ def patch_checkpoint(
             _check_complete(source, weight_map)
             verify_checkpoint(tmp)  # format tensors present, of the right shape, finite
             report["weights_bytes"] = weights_bytes(tmp)
+            report.update(peak_memory(device))
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(state_dir, ignore_errors=True)
     return report, Path(output).resolve()

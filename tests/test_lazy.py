@@ -272,3 +272,14 @@ def test_cli_compresses_layer_by_layer_and_reports_peak_memory(tiny_dir, tmp_pat
     summary = capsys.readouterr().out
     assert "peak memory: RSS" in summary and "layer by layer from the shards" in summary
     assert isinstance(eigenpatch.load(out), torch.nn.Module)
+
+
+def test_a_whole_model_recipe_that_does_not_fit_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    import eigenpatch.memory
+
+    monkeypatch.setattr(eigenpatch.memory, "available_bytes", lambda device: 1000)
+    out = tmp_path / "out"
+    assert patch_model_main([str(tiny_dir), "--structured-ffn", "lowrank", "-o", str(out), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the whole model" in err[0] and "layer by layer" in err[0], err
+    assert not out.exists()

@@ -131,7 +131,6 @@ def run_patch(args: argparse.Namespace) -> int:
     else:
         report, out = _patch_in_memory(args, recipe, folder, output, state_dir, device, dtype, calib_text)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    report.update(peak_memory(device))
     print(summarize_patch(report, out))
     return 0
 
@@ -183,7 +182,9 @@ def _patch_in_memory(
     import eigenpatch
     from eigenpatch.format.checkpoint import weights_bytes
     from eigenpatch.hf_io import load_model
+    from eigenpatch.memory import peak_memory
 
+    check_fits_whole(recipe, folder, dtype, device)
     model, tokenizer, folder = load_model(folder, dtype, args.trust_remote_code)
     model.to(device)
     if calib_text is not None and tokenizer is None:
@@ -206,10 +207,31 @@ def _patch_in_memory(
         evals["after"] = perplexity(model, ids, args, "ppl (patched)")
         report["perplexity"] = evals
     report["input_weights_bytes"] = weights_bytes(folder)
+    report.update(peak_memory(device))
     out = eigenpatch.save(model, output, tokenizer=tokenizer, report=report, force=args.force)
     shutil.rmtree(state_dir, ignore_errors=True)  # the run finished: nothing left to resume
     report["weights_bytes"] = weights_bytes(out)
     return report, out
+
+
+def check_fits_whole(recipe: list[TransformConfig], folder: Path, dtype: Any, device: Any) -> None:
+    """A recipe that needs the whole model (healing, the shield, ``--eval``, ...) is refused in one line
+    when the model's weights in ``dtype`` (twice that with a frozen teacher copy for distillation)
+    exceed the memory ``device`` has free; the layer-by-layer stages alone never need it."""
+    from eigenpatch.format.checkpoint import weights_bytes
+    from eigenpatch.hf_io import resolve_dtype
+    from eigenpatch.memory import available_bytes
+    from eigenpatch.table import fmt_bytes
+
+    free = available_bytes(device)
+    copies = 2 if any(c.needs_teacher for c in recipe) else 1
+    need = copies * weights_bytes(folder) * dtype.itemsize // resolve_dtype("auto", folder).itemsize
+    if free is not None and need > free:
+        what = " (and a frozen copy to distil from)" if copies == 2 else ""
+        raise UsageError(
+            f"this recipe needs the whole model on {device}{what}: {fmt_bytes(need)} of weights, "
+            f"{fmt_bytes(free)} free; --compress alone runs layer by layer (multi-device healing is not built yet)"
+        )
 
 
 def check_free_disk(folder: Path, output: Path, dtype: Any) -> None:
@@ -230,20 +252,6 @@ def check_free_disk(folder: Path, output: Path, dtype: Any) -> None:
             f"{parent} has {fmt_bytes(free)} free; the output may need up to {fmt_bytes(need)} "
             f"(the input's weights in {str(dtype).removeprefix('torch.')}); free space or pick another -o"
         )
-
-
-def peak_memory(device: Any) -> dict[str, int]:
-    """The process's peak resident memory (and the device's peak allocation on CUDA), in bytes."""
-    import resource
-    import sys
-
-    import torch
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
-    if getattr(device, "type", None) == "cuda":
-        peak["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
-    return peak
 
 
 def eval_ids(args: argparse.Namespace, tokenizer: Any) -> Any:

@@ -36,7 +36,7 @@ from torch import nn
 
 from eigenpatch.calibration import trainable_only
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.patchers.lowrank.factorize import factorize, whitening
+from eigenpatch.patchers.lowrank.factorize import OUT_SCALE_FLOOR, pair_of_scaled, whitening
 from eigenpatch.patchers.targets import replace_module
 from eigenpatch.sequential import LayerStep, call_layer
 
@@ -97,11 +97,19 @@ def refit(
     """``(up, down)`` of rank ``rank`` minimizing the propagated-input objective (module docstring)."""
     w = weight.detach().to(torch.float64)
     lam = damp * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    scaling = whitening(gram + lam * eye)  # full rank: the inverse is exact
-    best = (w @ (cross + lam * eye)) @ scaling.inverse.T @ scaling.inverse  # B* = W (X + lam I) (H' + lam I)^-1
-    up, down = factorize(best, rank, scaling, out_scale)
-    return up.to(weight.dtype), down.to(weight.dtype)
+    damped = gram.clone()
+    damped.diagonal().add_(lam)
+    scaling = whitening(damped)  # of H' + lam I: full rank, so the inverse is exact
+    del damped
+    # B* R = W (X + lam I) (H' + lam I)^-1 R = W (X + lam I) R^-T, since R R^T = H' + lam I: the
+    # factorizer's input, without forming B*, an identity or an inverse of the d x d Gram.
+    target = w @ cross
+    target.add_(w, alpha=float(lam))
+    scaled = target @ scaling.inverse.T
+    del target
+    if out_scale is not None:
+        out_scale = out_scale.clamp_min(out_scale.max() * OUT_SCALE_FLOOR)
+    return pair_of_scaled(scaled, rank, scaling, out_scale, weight.dtype)
 
 
 def refine_layer(step: LayerStep, steps: int, lr: float = REFINE_LR) -> dict[str, float]:

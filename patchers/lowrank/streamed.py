@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,8 @@ def compress_by_layer(
         if names.outside and any(ranks[n] for n in names.outside):
             raise UsageError(f"{names.outside[0]} is not inside a decoder layer; compress it with sequential=False")
         return ranks, _fit_sequentially(model, source, ranks, scales, windows, config, context, state, key)
-    _factorize_each_layer(model, source, names, ranks, context)
-    return ranks, {}
+    seconds = _factorize_each_layer(model, source, names, ranks, context)
+    return ranks, {"layer_by_layer": {"layer_seconds": [round(t, 2) for t in seconds]}}
 
 
 def _fit_sequentially(
@@ -237,8 +238,8 @@ def _fit_sequentially(
 
 def _factorize_each_layer(
     model: nn.Module, source: LayerSource, names: LayerNames, ranks: Ranks, context: PatchContext
-) -> None:
-    """Data-free factor pairs (truncated SVD of each weight), one layer at a time."""
+) -> list[float]:
+    """Data-free factor pairs (truncated SVD of each weight), one layer at a time; seconds per layer."""
 
     def replace(module_name: str, linear: nn.Linear, rank: int | None) -> None:
         if rank is not None:
@@ -247,9 +248,13 @@ def _factorize_each_layer(
 
     for name in names.outside:
         replace(name, model.get_submodule(name), ranks[name])
+    seconds = []
     for i in tqdm(range(len(source)), desc="svd", unit="layer", disable=not context.show_progress):
+        start = time.perf_counter()
         layer = source.load(i)
         for name in names.inside.get(i, []):
             full = names.prefixes[i] + name
             replace(full, layer.get_submodule(name), ranks[full])
         source.done(i)
+        seconds.append(time.perf_counter() - start)
+    return seconds
