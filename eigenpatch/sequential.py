@@ -173,6 +173,21 @@ class LayerStep:
             self._dense_out = [call_layer(self.dense, h, kw) for h, kw in zip(self.dense_in, self.kwargs, strict=True)]
         return self._dense_out
 
+    def dense_pass(self, observe: dict[str, Callable[[torch.Tensor], None]]) -> list[torch.Tensor]:
+        """Run the dense layer once over the dense stream, calling ``observe[name](x)`` with the input
+        of each submodule ``name`` as it goes; the outputs become :meth:`dense_outputs`. One forward
+        serves every module, where :meth:`module_inputs` runs one (partial) forward per module."""
+        handles = [
+            self.dense.get_submodule(name).register_forward_pre_hook(lambda _m, args, f=f: f(args[0]))
+            for name, f in observe.items()
+        ]
+        try:
+            self._dense_out = [call_layer(self.dense, h, kw) for h, kw in zip(self.dense_in, self.kwargs, strict=True)]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self._dense_out
+
     def module_inputs(self, module: str, which: str = "propagated") -> Iterator[torch.Tensor]:
         """Per batch, the input of submodule ``module`` (a name relative to the layer) in one stream:
         ``"propagated"`` (the patched layer on its inputs) or ``"dense"`` (the frozen copy on the dense

@@ -148,28 +148,28 @@ def test_layer_by_layer_from_the_shards_equals_the_in_memory_patch(checkpoints, 
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_streamed_scores_from_the_shards_equal_the_in_memory_scores(checkpoints, one_thread):
-    """The ``loss`` allocator's inputs (spectra, output scales), read layer by layer from the shards."""
+def test_streamed_scores_from_the_shards_equal_the_whole_model_statistics(checkpoints, one_thread):
+    """The ``loss`` allocator's inputs (spectra, output scales), read layer by layer from the shards,
+    are those of the one-shot path's whole-model statistics (hooks on one forward, one backward)."""
+    from eigenpatch.patchers.lowrank.factorize import scaled_spectrum
     from eigenpatch.patchers.lowrank.streamed import LayerNames, _scores, _windows
+    from eigenpatch.patchers.lowrank.transform import calibration_stats
     from eigenpatch.recipe import PatchContext
-    from eigenpatch.sequential import LayerSource
 
-    config = _sequential(allocator="loss")
+    config = _sequential()
     context = PatchContext(tokenizer=_Tokens(), calib_text="x", show_progress=False)
-    windows = _windows(config, context)
     folder = checkpoints["qwen2"]
-    results = []
-    for source in (
-        LayerSource(AutoModelForCausalLM.from_pretrained(folder, dtype=FP32).eval()),
-        CheckpointLayers(folder, folder.parent / "unused", device=CPU, dtype=FP32),
-    ):
-        names = LayerNames.of(source.model, source, list(find_linears(source.model, config.targets)))
-        results.append(_scores(source.model, source, names, config, windows, context))
-    (spectra, scales), (lazy_spectra, lazy_scales) = results
-    assert spectra.keys() == lazy_spectra.keys() and scales.keys() == lazy_scales.keys() and spectra
-    for name in spectra:
-        torch.testing.assert_close(lazy_spectra[name], spectra[name], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(lazy_scales[name], scales[name], rtol=1e-4, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=FP32).eval()
+    linears = find_linears(model, config.targets)
+    stats = calibration_stats(model, linears, config, context)
+    source = CheckpointLayers(folder, folder.parent / "unused", device=CPU, dtype=FP32)
+    names = LayerNames.of(source.model, source, list(linears))
+    spectra, scales = _scores(source.model, source, names, config, _windows(config, context), context)
+    assert spectra.keys() == scales.keys() == linears.keys()
+    for name, linear in linears.items():
+        torch.testing.assert_close(scales[name], stats.output_scale[name], rtol=1e-4, atol=1e-8)
+        expected = scaled_spectrum(linear.weight, stats.whitening[name], stats.output_scale[name])
+        torch.testing.assert_close(spectra[name], expected, rtol=1e-4, atol=1e-8 * expected.max().item())
 
 
 def test_streamed_output_fisher_equals_the_whole_model_backward(checkpoints):

@@ -130,14 +130,17 @@ def _scores(
     if kind == "loss":
 
         def visit(step: LayerStep) -> None:
-            mine = names.inside.get(step.index, [])
-            for group in input_groups(step, mine):
-                gram = None
-                for x in step.module_inputs(group[0], "dense"):
-                    flat = x.reshape(-1, x.shape[-1]).float()
-                    g = (flat.T @ flat).double()  # fp32 product per batch, fp64 sum
-                    gram = g if gram is None else gram + g
-                scaling = whitening(gram)
+            groups = input_groups(step, names.inside.get(step.index, []))
+            grams: dict[str, torch.Tensor] = {}
+
+            def add(name: str, x: torch.Tensor) -> None:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                g = (flat.T @ flat).double()  # fp32 product per batch, fp64 sum
+                grams[name] = grams[name] + g if name in grams else g
+
+            step.dense_pass({g[0]: lambda x, n=g[0]: add(n, x) for g in groups})  # its outputs: the next stream
+            for group in groups:
+                scaling = whitening(grams.pop(group[0]))
                 for name in group:
                     full = step.prefix + name
                     spectra[full] = scaled_spectrum(step.layer.get_submodule(name).weight, scaling, scales[full])
