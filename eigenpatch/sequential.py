@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -275,9 +276,10 @@ Visitor = Callable[[LayerStep], Any]
 class Resume:
     """Checkpoints of a layer-by-layer run in ``folder``, valid only for a run with the same ``key``.
 
-    After layer ``k`` both streams go to ``streams-<k>.safetensors`` and then ``progress.json``
-    names it (each written beside its final name and renamed), so a run killed at any moment
-    leaves the last complete pair; the finished layers themselves are the source's to keep.
+    After layer ``k`` both streams go to ``streams-<k>/`` (one safetensors file per batch and
+    stream, so writing never holds more than one batch's copy), then ``progress.json`` names it;
+    each is written beside its final name and renamed, so a run killed at any moment leaves the
+    last complete pair. The finished layers themselves are the source's to keep.
     """
 
     folder: Path
@@ -295,12 +297,14 @@ class Resume:
             return None
         state = json.loads(self._progress.read_text())
         streams = self.folder / state.get("streams", "")
-        if state.get("key") != self.key or not streams.is_file():
+        if state.get("key") != self.key or not streams.is_dir():
             return None
-        saved = load_file(str(streams), device=str(device))
-        dense = [saved[f"dense.{b}"] for b in range(n_batches)]
-        propagated = [saved[f"propagated.{b}"] for b in range(n_batches)]
-        return state["next"], dense, propagated, state["records"], state["layer_seconds"]
+
+        def read(stream: str) -> list[torch.Tensor]:
+            files = [streams / f"{stream}-{b}.safetensors" for b in range(n_batches)]
+            return [load_file(str(f), device=str(device))["h"] for f in files]
+
+        return state["next"], read("dense"), read("propagated"), state["records"], state["layer_seconds"]
 
     def save(
         self,
@@ -310,18 +314,21 @@ class Resume:
         records: list[Any],
         seconds: list[float],
     ) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"streams-{next_layer:05d}.safetensors"
-        tensors = {f"dense.{b}": t.detach().contiguous().cpu() for b, t in enumerate(dense)}
-        tensors |= {f"propagated.{b}": t.detach().contiguous().cpu() for b, t in enumerate(propagated)}
-        save_file(tensors, str(self.folder / (name + ".tmp")))
-        os.replace(self.folder / (name + ".tmp"), self.folder / name)
+        name = f"streams-{next_layer:05d}"
+        tmp = self.folder / (name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for stream, tensors in (("dense", dense), ("propagated", propagated)):
+            for b, t in enumerate(tensors):
+                save_file({"h": t.detach().contiguous().cpu()}, str(tmp / f"{stream}-{b}.safetensors"))
+        shutil.rmtree(self.folder / name, ignore_errors=True)
+        os.replace(tmp, self.folder / name)
         state = {"key": self.key, "next": next_layer, "streams": name, "records": records, "layer_seconds": seconds}
         (self.folder / "progress.json.tmp").write_text(json.dumps(state))
         os.replace(self.folder / "progress.json.tmp", self._progress)
-        for old in self.folder.glob("streams-*.safetensors"):
+        for old in self.folder.glob("streams-*"):
             if old.name != name:
-                old.unlink()
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def run_layers(

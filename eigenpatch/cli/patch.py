@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,24 @@ def default_output(args: argparse.Namespace) -> Path:
     return Path("patched") / name
 
 
+@dataclass
+class _Job:
+    """One ``patch-model`` run, as the two ways of running it need it."""
+
+    args: argparse.Namespace
+    recipe: list[TransformConfig]
+    folder: Path
+    output: Path
+    state_dir: Path
+    device: Any
+    dtype: Any
+    calib_text: str | None
+
+    def parts(self) -> tuple[Any, ...]:
+        """The fields in order, as they are (``dataclasses.astuple`` would copy the recipe into tuples)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
 def run_patch(args: argparse.Namespace) -> int:
     """Run the recipe the flags ask for. A recipe whose transforms all stream (``--compress`` alone,
     by default) never loads the whole model: its layers are read and written one at a time
@@ -126,25 +145,16 @@ def run_patch(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, folder)
     check_free_disk(folder, output, dtype)
     state_dir = output.parent / f".{output.name}.state"  # an interrupted resumable run continues from here
-    if all(c.streams for c in recipe) and not args.eval and not is_patched(folder):
-        report, out = _patch_streamed(args, recipe, folder, output, state_dir, device, dtype, calib_text)
-    else:
-        report, out = _patch_in_memory(args, recipe, folder, output, state_dir, device, dtype, calib_text)
+    job = _Job(args, recipe, folder, output, state_dir, device, dtype, calib_text)
+    streams = all(c.streams for c in recipe) and not args.eval and not is_patched(folder)
+    report, out = _patch_streamed(job) if streams else _patch_in_memory(job)
     report["seconds"] = round(time.perf_counter() - start, 2)
     print(summarize_patch(report, out))
     return 0
 
 
-def _patch_streamed(
-    args: argparse.Namespace,
-    recipe: list[TransformConfig],
-    folder: Path,
-    output: Path,
-    state_dir: Path,
-    device: Any,
-    dtype: Any,
-    calib_text: str | None,
-) -> tuple[dict[str, Any], Path]:
+def _patch_streamed(job: _Job) -> tuple[dict[str, Any], Path]:
+    args, recipe, folder, output, state_dir, device, dtype, calib_text = job.parts()
     from eigenpatch.format.checkpoint import weights_bytes
     from eigenpatch.hf_io import load_tokenizer
     from eigenpatch.lazy import patch_checkpoint
@@ -169,16 +179,8 @@ def _patch_streamed(
     )
 
 
-def _patch_in_memory(
-    args: argparse.Namespace,
-    recipe: list[TransformConfig],
-    folder: Path,
-    output: Path,
-    state_dir: Path,
-    device: Any,
-    dtype: Any,
-    calib_text: str | None,
-) -> tuple[dict[str, Any], Path]:
+def _patch_in_memory(job: _Job) -> tuple[dict[str, Any], Path]:
+    args, recipe, folder, output, state_dir, device, dtype, calib_text = job.parts()
     import eigenpatch
     from eigenpatch.format.checkpoint import weights_bytes
     from eigenpatch.hf_io import load_model
@@ -215,7 +217,7 @@ def _patch_in_memory(
 
 
 def check_fits_whole(recipe: list[TransformConfig], folder: Path, dtype: Any, device: Any) -> None:
-    """A recipe that needs the whole model (healing, the shield, ``--eval``, ...) is refused in one line
+    """A recipe that needs the whole model (a stage that does not stream, or ``--eval``) is refused in one line
     when the model's weights in ``dtype`` (twice that with a frozen teacher copy for distillation)
     exceed the memory ``device`` has free; the layer-by-layer stages alone never need it."""
     from eigenpatch.format.checkpoint import weights_bytes

@@ -36,6 +36,7 @@ from eigenpatch.calibration import calibration_windows
 from eigenpatch.errors import UsageError
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.layer_fisher import stream_output_fisher
+from eigenpatch.memory import release_freed_memory
 from eigenpatch.patchers.lowrank.config import LowRank
 from eigenpatch.patchers.lowrank.factorize import factorize, output_weighting, scaled_spectrum, whitening
 from eigenpatch.patchers.lowrank.propagate import factorize_layer, input_groups, refine_layer
@@ -193,6 +194,7 @@ def compress_by_layer(
     source = layer_source(model, context.layers)
     names = LayerNames.of(model, source, list(shapes))
     windows = _windows(config, context) if config.needs_data else None
+    release_freed_memory()  # tokenizing the whole calibration text peaks at ~0.4 GB (SmolLM2, wiki)
     key = _fingerprint(config, windows)
     state = context.state_dir / config.name if context.state_dir is not None else None
     plan = Plan(state, key)
