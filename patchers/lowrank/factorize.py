@@ -121,8 +121,6 @@ def factorize(
     ``C = diag(out_scale)`` (``fwhiten``) is floored at ``OUT_SCALE_FLOOR`` of its largest entry so
     that un-weighting ``up`` stays finite for output channels the loss never looked at.
     """
-    if out_scale is not None:
-        out_scale = out_scale.clamp_min(out_scale.max() * OUT_SCALE_FLOOR)
     w = weight.detach().to(torch.float64)
     return pair_of_scaled(w if scaling is None else scaling.apply(w), rank, scaling, out_scale, weight.dtype)
 
@@ -134,9 +132,10 @@ def pair_of_scaled(
     out_scale: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` from ``a = W R`` (input scaling already applied; ``out_scale`` already floored):
-    the top-``rank`` SVD of ``C a``, with ``C`` and ``R`` undone on each side."""
+    """``(up, down)`` from ``a = W R`` (input scaling already applied): the top-``rank`` SVD of
+    ``C a``, with ``C`` (floored, see :func:`factorize`) and ``R`` undone on each side."""
     if out_scale is not None:
+        out_scale = out_scale.clamp_min(out_scale.max() * OUT_SCALE_FLOOR)
         a = out_scale[:, None] * a
     u, s, vh = top_singular(a, rank)
     root = s.sqrt()

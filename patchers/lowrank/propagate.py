@@ -36,7 +36,7 @@ from torch import nn
 
 from eigenpatch.calibration import trainable_only
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.patchers.lowrank.factorize import OUT_SCALE_FLOOR, pair_of_scaled, whitening
+from eigenpatch.patchers.lowrank.factorize import pair_of_scaled, whitening
 from eigenpatch.patchers.targets import replace_module
 from eigenpatch.sequential import LayerStep, call_layer
 
@@ -107,8 +107,6 @@ def refit(
     target.add_(w, alpha=float(lam))
     scaled = target @ scaling.inverse.T
     del target
-    if out_scale is not None:
-        out_scale = out_scale.clamp_min(out_scale.max() * OUT_SCALE_FLOOR)
     return pair_of_scaled(scaled, rank, scaling, out_scale, weight.dtype)
 
 
