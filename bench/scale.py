@@ -3,6 +3,8 @@
     python bench/scale.py                          # 32 layers (13.5 GB of bf16 shards), data-free svd
     python bench/scale.py --methods svd loss+fwhiten --calib-layers 8
     python bench/scale.py --layers 4               # a quick look at the per-layer cost
+    python bench/scale.py --shape 360m --methods loss+fwhiten --calib-layers 32 --calib-windows 128 \\
+        --calib-seq-len 512                        # a 1.45 GB-fp32 model, patch-model's default calibration
 
 The model (32 layers, hidden 4096, intermediate 11008; SmolLM2's tokenizer and vocabulary so the
 calibrated run has text) is written once into the cache, one bf16 shard per layer, without ever
@@ -37,53 +39,59 @@ from transformers import AutoTokenizer, LlamaConfig
 from eigenpatch.table import fmt_bytes, format_table
 from eigenpatch.zoo import cache_dir, resolve_model
 
-SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+#: Llama-2-7B (27 GB in fp32), and SmolLM2-360M (1.45 GB in fp32: the "1 GB model" of issue 20).
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "360m": dict(hidden_size=960, intermediate_size=2560, num_attention_heads=15, num_key_value_heads=5),
+}
+#: The shards' dtype (what ``--dtype auto`` computes in): 7B as published (bf16); the small one in
+#: fp32, so that it is the 1 GB-fp32 case exactly.
+DTYPES = {"7b": torch.bfloat16, "360m": torch.float32}
 
 
-def _layer_tensors(i: int, config: LlamaConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _layer_tensors(i: int, config: LlamaConfig, gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     h, f = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
     shapes = {
         "self_attn.q_proj.weight": (h, h),
-        "self_attn.k_proj.weight": (h, h),
-        "self_attn.v_proj.weight": (h, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
         "self_attn.o_proj.weight": (h, h),
         "mlp.gate_proj.weight": (f, h),
         "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
     }
-    out = {
-        f"model.layers.{i}.{k}": (torch.randn(s, generator=gen) * s[1] ** -0.5).bfloat16() for k, s in shapes.items()
-    }
+    out = {f"model.layers.{i}.{k}": (torch.randn(s, generator=gen) * s[1] ** -0.5).to(dtype) for k, s in shapes.items()}
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[f"model.layers.{i}.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        out[f"model.layers.{i}.{norm}.weight"] = torch.ones(h, dtype=dtype)
     return out
 
 
-def build(folder: Path, layers: int) -> Path:
-    """The random 7B-shaped checkpoint, written shard by shard (once; a complete folder is reused)."""
+def build(folder: Path, layers: int, name: str) -> Path:
+    """The random checkpoint of shape ``name``, written shard by shard (once; a complete folder is reused)."""
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     smol = resolve_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(smol)
     config = LlamaConfig(
-        **SHAPE, num_hidden_layers=layers, vocab_size=len(tokenizer), max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="bfloat16",
+        **SHAPES[name], num_hidden_layers=layers, vocab_size=len(tokenizer), max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, dtype=str(DTYPES[name]).removeprefix("torch."),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
+    gen, dtype = torch.Generator().manual_seed(0), DTYPES[name]
     weight_map, total = {}, 0
     names = [f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors" for i in range(layers + 1)]
     rest = {
-        "model.embed_tokens.weight": (
-            torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02
-        ).bfloat16(),
-        "model.norm.weight": torch.ones(config.hidden_size, dtype=torch.bfloat16),
-        "lm_head.weight": (torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02).bfloat16(),
+        "model.embed_tokens.weight": (torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02).to(
+            dtype
+        ),
+        "model.norm.weight": torch.ones(config.hidden_size, dtype=dtype),
+        "lm_head.weight": (torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02).to(dtype),
     }
-    shards = itertools.chain([rest], (_layer_tensors(i, config, gen) for i in range(layers)))
+    shards = itertools.chain([rest], (_layer_tensors(i, config, gen, dtype) for i in range(layers)))
     for shard, tensors in enumerate(shards):  # one layer in memory at a time
         save_file(tensors, str(tmp / names[shard]), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, names[shard])
@@ -152,7 +160,7 @@ def compress(folder: Path, method: str, out: Path, extra: list[str]) -> dict[str
 
 
 def loads(out: Path) -> bool:
-    """The output loads (bf16, whole: half the parameters are gone) and gives finite logits."""
+    """The output loads (in bf16 and whole: half the parameters are gone) and gives finite logits."""
     import eigenpatch
 
     model = eigenpatch.load(out, dtype=torch.bfloat16)
@@ -164,18 +172,24 @@ def loads(out: Path) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32, help="depth of the model built (default 32, Llama-2-7B)")
+    p.add_argument("--shape", choices=SHAPES, default="7b", help="widths of the model built (default 7b)")
+    p.add_argument("--layers", type=int, default=32, help="depth of the model built (default 32, as both shapes)")
     p.add_argument("--methods", nargs="+", default=["svd"], help="--method values to run (default: svd)")
     p.add_argument("--calib-layers", type=int, default=8, help="layers the calibrated run keeps (extrapolated)")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8; patch-model's: 128)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256; patch-model's: 512)")
     p.add_argument("--keep", action="store_true", help="keep the compressed outputs")
     args = p.parse_args()
-    folder = build(cache_dir() / "bench" / f"llama-7b-shape-random-{args.layers}l", args.layers)
+    name = f"llama-{args.shape}-shape-random-{args.layers}l"
+    folder = build(cache_dir() / "bench" / name, args.layers, args.shape)
     rows = []
     for method in args.methods:
         calibrated = method != "svd"
         src = truncated(folder, args.calib_layers) if calibrated and args.calib_layers < args.layers else folder
-        extra = ["--calib-windows", "8", "--calib-seq-len", "256", "--fisher-windows", "8"] if calibrated else []
-        out = cache_dir() / "bench" / f"scale-out-{method.replace('+', '-')}"
+        calib = ["--calib-windows", str(args.calib_windows), "--calib-seq-len", str(args.calib_seq_len)]
+        fisher = ["--fisher-windows", str(min(8, args.calib_windows))] if args.calib_windows < 32 else []
+        extra = calib + fisher if calibrated else []
+        out = cache_dir() / "bench" / f"scale-out-{args.shape}-{method.replace('+', '-')}"
         row = compress(src, method, out, extra)
         row["output_loads"] = loads(out)
         if row["layers"] and row["layers"] < args.layers:
@@ -195,7 +209,8 @@ def main() -> None:
     ]  # fmt: skip
     head = ["method", "layers", "input", "output", "peak RSS", "s/layer", "total", "32-layer est. s", "loads"]
     print(format_table(head, table))
-    write_result(RESULTS / "scale.json", {"shape": SHAPE, "layers": args.layers, "runs": rows})
+    result = {"shape": args.shape, "widths": SHAPES[args.shape], "layers": args.layers, "runs": rows}
+    write_result(RESULTS / ("scale.json" if args.shape == "7b" else f"scale-{args.shape}.json"), result)
 
 
 if __name__ == "__main__":

@@ -157,22 +157,38 @@ class LayerStep:
     ``layer`` is the model's own layer (patch it in place); ``dense`` is a frozen copy of it as it
     was. ``dense_in`` / ``inputs`` are the layer's inputs in the dense and the propagated stream,
     one ``[batch, seq, hidden]`` tensor per batch; ``kwargs[b]`` are the arguments for batch ``b``.
+
+    The dense outputs are written over the dense inputs (the stream advances in place, one batch
+    at a time, so no third stream-sized block is held): read what you need of ``dense_in`` (or
+    of :meth:`module_inputs` in the dense stream) before :meth:`dense_outputs`; after it,
+    ``dense_in`` raises.
     """
 
     index: int
     prefix: str
     layer: nn.Module
     dense: nn.Module
-    dense_in: list[torch.Tensor]
+    _dense_in: list[torch.Tensor]
     inputs: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     _dense_out: list[torch.Tensor] | None = None
 
+    @property
+    def dense_in(self) -> list[torch.Tensor]:
+        if self._dense_out is not None:
+            raise RuntimeError("the dense stream has advanced: read dense_in before dense_outputs()/dense_pass()")
+        return self._dense_in
+
     def dense_outputs(self) -> list[torch.Tensor]:
         """The dense layer's outputs on the dense stream (the next layer's dense inputs), computed once."""
         if self._dense_out is None:
-            self._dense_out = [call_layer(self.dense, h, kw) for h, kw in zip(self.dense_in, self.kwargs, strict=True)]
+            self._dense_out = self._advance()
         return self._dense_out
+
+    def _advance(self) -> list[torch.Tensor]:
+        for h, kw in zip(self.dense_in, self.kwargs, strict=True):
+            h.copy_(call_layer(self.dense, h, kw))
+        return self._dense_in
 
     def dense_pass(self, observe: dict[str, Callable[[torch.Tensor], None]]) -> list[torch.Tensor]:
         """Run the dense layer once over the dense stream, calling ``observe[name](x)`` with the input
@@ -183,7 +199,7 @@ class LayerStep:
             for name, f in observe.items()
         ]
         try:
-            self._dense_out = [call_layer(self.dense, h, kw) for h, kw in zip(self.dense_in, self.kwargs, strict=True)]
+            self._dense_out = self._advance()
         finally:
             for handle in handles:
                 handle.remove()
@@ -248,6 +264,23 @@ def record_batches(
     return inputs, kwargs_of
 
 
+def stream_block(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of ``batches`` as per-batch views of one block.
+
+    A stream is one allocation, not a tensor per batch: glibc maps a block that large on its own
+    and unmaps it when it is freed, while batch-sized tensors (a few MB each) come from its heap
+    once its self-raising mmap threshold has passed them. There, a stream replaced batch by batch
+    between layer-sized temporaries leaves holes that RSS keeps (SmolLM2: +0.4 GB at peak).
+    """
+    sizes = [len(b) for b in batches]
+    first = batches[0]
+    block = torch.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    views = list(block.split(sizes))
+    for view, b in zip(views, batches, strict=True):
+        view.copy_(b)
+    return views
+
+
 @dataclass
 class StreamReport:
     """What a layer-by-layer run cost and what its visitor recorded per layer."""
@@ -290,21 +323,19 @@ class Resume:
         return self.folder / "progress.json"
 
     def load(
-        self, n_batches: int, device: torch.device
-    ) -> tuple[int, list[torch.Tensor], list[torch.Tensor], list[Any], list[float]] | None:
-        """``(next layer, dense stream, propagated stream, records, seconds)`` of an earlier run, or None."""
+        self, dense: list[torch.Tensor], propagated: list[torch.Tensor]
+    ) -> tuple[int, list[Any], list[float]] | None:
+        """Fill both streams (per-batch views) from an earlier run; ``(next layer, records, seconds)``, or None."""
         if not self._progress.is_file():
             return None
         state = json.loads(self._progress.read_text())
         streams = self.folder / state.get("streams", "")
         if state.get("key") != self.key or not streams.is_dir():
             return None
-
-        def read(stream: str) -> list[torch.Tensor]:
-            files = [streams / f"{stream}-{b}.safetensors" for b in range(n_batches)]
-            return [load_file(str(f), device=str(device))["h"] for f in files]
-
-        return state["next"], read("dense"), read("propagated"), state["records"], state["layer_seconds"]
+        for stream, views in (("dense", dense), ("propagated", propagated)):
+            for b, view in enumerate(views):  # one batch's file in memory at a time
+                view.copy_(load_file(str(streams / f"{stream}-{b}.safetensors"), device=str(view.device))["h"])
+        return state["next"], state["records"], state["layer_seconds"]
 
     def save(
         self,
@@ -345,10 +376,11 @@ def run_layers(
 ) -> StreamReport:
     """Visit every decoder layer of ``model`` in order, between the dense and the propagated stream.
 
-    Both streams hold ``len(windows) x seq_len x hidden`` values in the model's dtype on its
-    device (reported as ``stream_bytes``): for SmolLM2-135M on 128 x 512 tokens, 2 x 151 MB in
-    fp32. After ``visit`` patches layer ``i``, the dense stream advances through a frozen copy of
-    it and the propagated one through the patched layer, and the source is told it is ``done``.
+    Each stream holds ``len(windows) x seq_len x hidden`` values in the model's dtype on its
+    device, as one block (:func:`stream_block`) that advances in place, reported as
+    ``stream_bytes``: for SmolLM2-135M on 128 x 512 tokens, 2 x 151 MB in fp32. After ``visit``
+    patches layer ``i``, the dense stream advances through a frozen copy of it and the propagated
+    one through the patched layer, and the source is told it is ``done``.
 
     ``propagate=False`` is a read-only pass: one (dense) stream, no copy, the visitor must not
     change the layer, and the source drops it. ``resume`` (with a source whose finished
@@ -358,12 +390,14 @@ def run_layers(
     source = layer_source(model, source)
     if resume is not None and not (propagate and source.persistent):
         resume = None  # only finished layers on disk make a run resumable
-    dense_in, kwargs_of = record_batches(model, windows, batch_size)
-    inputs = [h.clone() for h in dense_in] if propagate else dense_in
+    first, kwargs_of = record_batches(model, windows, batch_size)
+    dense_in = stream_block(first)
+    del first
+    inputs = stream_block(dense_in) if propagate else dense_in
     report = StreamReport(stream_bytes=(1 + propagate) * sum(h.numel() * h.element_size() for h in dense_in))
     start_at = 0
-    if resume is not None and (saved := resume.load(len(dense_in), dense_in[0].device)) is not None:
-        start_at, dense_in, inputs, report.records, report.layer_seconds = saved
+    if resume is not None and (saved := resume.load(dense_in, inputs)) is not None:
+        start_at, report.records, report.layer_seconds = saved
         report.resumed_at = start_at
     bar = tqdm(total=len(source), initial=start_at, desc=desc, unit="layer", disable=not show_progress)
     for i in range(start_at, len(source)):
@@ -373,14 +407,12 @@ def run_layers(
         kwargs = [k[i] for k in kwargs_of]
         step = LayerStep(i, layer_prefix(model, i), layer, frozen, dense_in, inputs, kwargs)
         report.records.append(visit(step))
+        step.dense_outputs()  # the dense stream advances in place
         if propagate:
-            dense_next = step.dense_outputs()
-            for b, kw in enumerate(kwargs):  # in place: one batch at a time is the only extra copy
-                inputs[b] = call_layer(layer, inputs[b], kw)
-            dense_in = dense_next
+            for b, kw in enumerate(kwargs):  # in place: one batch's output is the only extra copy
+                inputs[b].copy_(call_layer(layer, inputs[b], kw))
             source.done(i)
         else:
-            dense_in = inputs = step.dense_outputs()
             source.drop(i)
         del frozen, step, layer
         report.layer_seconds.append(time.perf_counter() - start)

@@ -5,7 +5,13 @@ import torch
 from conftest import TINY_VOCAB, make_tiny
 
 import eigenpatch
-from eigenpatch.calibration import calibration_windows, collect_input_covariances, collect_output_fisher
+from eigenpatch.calibration import (
+    calibration_windows,
+    collect_input_covariances,
+    collect_output_fisher,
+    text_chunks,
+    token_ids,
+)
 from eigenpatch.errors import UsageError
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers import LowRank, parse_method
@@ -102,6 +108,15 @@ def test_calibration_windows_are_deterministic_and_disjoint(tiny_tokenizer):
     b = calibration_windows(tiny_tokenizer, text, n_windows=6, seq_len=64, seed=3)
     c = calibration_windows(tiny_tokenizer, text, n_windows=6, seq_len=64, seed=4)
     assert a.shape == (6, 64) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_text_is_tokenized_in_chunks_to_the_ids_of_the_whole(tiny_tokenizer):
+    """Cut before a line's newline, a byte-level BPE sees the pieces as it sees the whole text."""
+    text = resolve_text("news", split="calib")
+    pieces = list(text_chunks(text, size=4096))
+    assert len(pieces) > 50 and "".join(pieces) == text
+    whole = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert token_ids(tiny_tokenizer, text).tolist() == whole
 
 
 def test_shared_inputs_share_one_covariance_equal_to_x_xt(tiny_tokenizer):
