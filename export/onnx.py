@@ -27,12 +27,16 @@ from transformers import DynamicCache, PreTrainedModel
 from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
 from eigenpatch.export.precision import (
+    DEFAULT_BLOCK,
     PRECISIONS,
+    WEIGHT_BITS,
     Reference,
+    check_block,
     first_divergence,
     max_logit_diff,
     onnx_bytes,
-    quantize_int8,
+    quantize_dynamic_int8,
+    quantize_weights,
     reduced_parity,
     replace_graph,
 )
@@ -139,23 +143,28 @@ def export_onnx(
     opset: int | None = None,
     precision: str = "float32",
     tensorrt: bool = False,
+    block: int = DEFAULT_BLOCK,
+    quantize_head: bool = True,
 ) -> dict[str, Any]:
     """Write ``model.onnx`` (+ external data), the tokenizer and ``eigenpatch_onnx.json`` to ``output``.
 
     Atomic: everything goes to a temporary folder that is renamed into place only after
     verification passed. Returns the metadata (with parity numbers when ``verify``).
 
-    ``precision``: ``"int8"`` quantizes the verified fp32 graph's MatMul weights (ONNX Runtime
-    dynamic quantization, factor pairs included); ``"float16"`` re-traces a half-precision copy
-    (weights, activations and the KV cache in fp16, for GPU targets). Neither can meet the fp32
-    logits bound, so their parity is *reported* under ``meta["precision"]`` (see
-    :mod:`eigenpatch.export.precision`), not enforced.
+    ``precision``: ``"int8"`` / ``"int4"`` store the verified fp32 graph's MatMul weights (factor
+    pairs and, with ``quantize_head``, the output head included) weight-only in blocks of ``block``
+    rows (``MatMulNBits``; activations stay fp32);
+    ``"dynamic-int8"`` is ONNX Runtime's dynamic quantization (activations too); ``"float16"``
+    re-traces a half-precision copy (weights, activations and the KV cache in fp16, for GPU
+    targets). None can meet the fp32 logits bound, so their parity is *reported* under
+    ``meta["precision"]`` (see :mod:`eigenpatch.export.precision`), not enforced.
 
     ``tensorrt``: after all checks, build a TensorRT engine for the final graph (GPU only; see
     :mod:`eigenpatch.export.tensorrt`); refused up front, before any work, where it cannot be built.
     """
     if precision not in ("float32", *PRECISIONS):
         raise UsageError(f"unknown precision {precision!r}; choose float32, {', '.join(PRECISIONS)}")
+    check_block(block)
     if tensorrt and (reason := tensorrt_unavailable()) is not None:
         raise UsageError(reason)
     if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -192,8 +201,11 @@ def export_onnx(
             meta["parity"] = verify_export(tmp, reference)
         if reduced:
             fp32_bytes = onnx_bytes(tmp)
-            if precision == "int8":
-                quantize_int8(tmp)
+            done: dict[str, Any] = {}
+            if precision in WEIGHT_BITS:
+                done = {"block": block, **quantize_weights(tmp, WEIGHT_BITS[precision], block, quantize_head)}
+            elif precision == "dynamic-int8":
+                quantize_dynamic_int8(tmp)
             else:  # a second trace in fp16: HF's own fp32 upcasts (RMSNorm, softmax) stay in the graph
                 half = nn.Module.half(copy.deepcopy(model))  # PreTrainedModel.half refuses patched models
                 (tmp / "fp16").mkdir()
@@ -203,6 +215,7 @@ def export_onnx(
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # the runner reads the dtype
             meta["precision"] = {
                 "kind": precision,
+                **done,
                 "fp32_bytes": fp32_bytes,
                 "bytes": onnx_bytes(tmp),
                 **reduced_parity(tmp, reference, GREEDY_STEPS),

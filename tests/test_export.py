@@ -113,16 +113,75 @@ def test_export_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "o").exists()
 
 
-def test_int8_export_shrinks_and_reports_greedy_agreement(tmp_path, tiny_tokenizer):
+def test_dynamic_int8_export_shrinks_and_reports_greedy_agreement(tmp_path, tiny_tokenizer):
     model = make_tiny("llama")
     eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
-    meta = export_onnx(model, tmp_path / "int8", tokenizer=tiny_tokenizer, precision="int8")
+    meta = export_onnx(model, tmp_path / "int8", tokenizer=tiny_tokenizer, precision="dynamic-int8")
     assert meta["parity"]["max_abs_logit_diff"] <= 1e-4  # fp32 checked first
     report = meta["precision"]
-    assert report["kind"] == "int8" and report["bytes"] < 0.75 * report["fp32_bytes"]  # the embedding stays fp32
+    assert report["kind"] == "dynamic-int8" and report["bytes"] < 0.75 * report["fp32_bytes"]  # embedding fp32
     assert len(report["greedy_steps_agreeing"]) == 5 and 0 <= report["min"] <= report["of"]
     runner = OnnxCausalLM(tmp_path / "int8")
     assert len(runner.generate([1, 2, 3], max_new_tokens=4, stop_at_eos=False)) == 4
+
+
+def test_weight_only_exports_pack_every_matmul_and_round_by_their_bits(tmp_path, tiny_tokenizer):
+    """Every MatMul with a constant weight, both factors of each pair and the untied head, becomes a
+    MatMulNBits of 8 or 4 bits in blocks of 32; activations and the embedding stay fp32. The logits
+    move by the weights' rounding, 4 bits more than 8 (greedy agreement is reported, not asserted:
+    a tiny random model's next-token distribution is nearly flat, so any rounding flips near-ties;
+    ``bench/export_speed.py`` measures it on SmolLM2)."""
+    import onnx
+
+    model = make_tiny("qwen2")  # untied head: it is quantized too
+    eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
+    diffs = {}
+    for weights, bits in (("int8", 8), ("int4", 4)):
+        meta = export_onnx(model, tmp_path / weights, tokenizer=tiny_tokenizer, precision=weights, block=32)
+        report = meta["precision"]
+        assert report["kind"] == weights and report["block"] == 32 and report["bytes"] < report["fp32_bytes"]
+        assert len(report["greedy_steps_agreeing"]) == 5 and 0 <= report["min"] <= report["of"]
+        graph = onnx.load(str(tmp_path / weights / MODEL_FILE)).graph
+        stored = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer}
+        assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in stored]
+        packed = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert len(packed) == model.config.num_hidden_layers * 7 * 2 + 1  # q k v o gate up down, 2 factors; head
+        attrs = [{a.name: a.i for a in n.attribute} for n in packed]
+        assert {a["bits"] for a in attrs} == {bits} and {a["block_size"] for a in attrs} == {32}
+        # bytes per weight: bits/8 + one fp32 scale per 32 (0.28x / 0.16x of fp32), a little more
+        # where a factor's rank is padded to whole blocks
+        fp32 = sum(4 * a["K"] * a["N"] for a in attrs)
+        assert sum(stored.get(i, 0) for n in packed for i in n.input[1:]) < (0.35 if bits == 8 else 0.2) * fp32
+        diffs[weights] = report["max_abs_logit_diff"]
+    assert 0 < diffs["int8"] < 0.05 and diffs["int8"] < diffs["int4"] < 0.5  # logits spread over ~1.5 here
+
+
+def test_a_tied_head_is_quantized_as_its_own_copy_unless_kept_fp32(tmp_path, tiny_tokenizer):
+    """The tied head reads the embedding table through a Transpose: it gets a transposed copy to
+    quantize, the Gather keeps the fp32 table; ``quantize_head=False`` leaves the head fp32."""
+    import onnx
+
+    model = make_tiny("llama")  # tied embeddings
+    eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
+    heads = {}
+    for keep in (False, True):
+        out = tmp_path / f"keep-{keep}"
+        meta = export_onnx(model, out, tokenizer=tiny_tokenizer, precision="int4", quantize_head=not keep)
+        graph = onnx.load(str(out / MODEL_FILE)).graph
+        heads[keep] = next(n.op_type for n in graph.node if "logits" in n.output)
+        assert meta["precision"]["head"] == ("fp32" if keep else "quantized")
+        gather = next(n for n in graph.node if n.op_type == "Gather" and "embedding" in n.output)
+        table = next(t for t in graph.initializer if t.name == gather.input[0])
+        assert table.data_type == onnx.TensorProto.FLOAT  # the lookup stays exact
+    assert heads == {False: "MatMulNBits", True: "MatMul"}
+
+
+def test_bad_block_size_is_one_line_exit_2_before_loading(tmp_path, capsys):
+    missing = tmp_path / "missing-model"  # never loaded: the block size is checked first
+    args = ["export", str(missing), "--onnx", str(tmp_path / "o"), "--weights", "int4", "--block", "48"]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--block" in err and not (tmp_path / "o").exists()
 
 
 def test_fp16_export_halves_the_graph_and_keeps_greedy_tokens(tmp_path, tiny_tokenizer):
@@ -154,7 +213,7 @@ def test_tensorrt_without_gpu_is_one_line_exit_2_before_any_work(tmp_path, capsy
     assert err.count("\n") == 1 and "TensorRT" in err and not (tmp_path / "o").exists()
 
 
-def test_int8_and_fp16_are_exclusive(tmp_path, capsys):
+def test_precisions_are_exclusive(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["export", str(tmp_path), "--onnx", str(tmp_path / "o"), "--int8", "--fp16"])
+        main(["export", str(tmp_path), "--onnx", str(tmp_path / "o"), "--weights", "int4", "--fp16"])
     assert exc.value.code == EXIT_USAGE and "not allowed with" in capsys.readouterr().err

@@ -11,7 +11,8 @@ Each server costs about a minute on two cores, so one checkpoint carries as many
   KV head replicated on both ranks). Its tokens must equal transformers', and each intervention
   must change transformers' tokens, so a server that skipped one would disagree;
 - both answer 32 concurrent requests with the tokens each gets alone (batch invariance);
-- one server each for the block-structured FFNs.
+- one server each for the block-structured FFNs, and for ``patch-model``'s layer-by-layer output
+  (one shard per decoder layer + index).
 
 The registry's contract test (``test_contract.py``) serves every transform's own example, and
 ``test_smollm2_runtimes.py`` the real model.
@@ -299,6 +300,34 @@ def test_checkpoint_kind_serves_transformers_greedy_tokens(kind, tp, tmp_path_fa
         _assert_serves_like_transformers(server, out, tiny_tokenizer)
     finally:
         server.stop()
+
+
+def test_a_checkpoint_written_layer_by_layer_serves_transformers_tokens(tmp_path_factory, tiny_tokenizer):
+    """``patch-model``'s out-of-core output (one shard per decoder layer + index, factor pairs fitted
+    on propagated inputs) is the same format: vLLM loads the shards and decodes transformers' tokens."""
+    from eigenpatch.lazy import patch_checkpoint
+    from eigenpatch.patchers import LowRank
+    from eigenpatch.zoo import resolve_text
+
+    torch.manual_seed(6)
+    dense = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
+    folder = tmp_path_factory.mktemp("serve-lazy")
+    dense.save_pretrained(folder / "dense")
+    tiny_tokenizer.save_pretrained(folder / "dense")
+    recipe = LowRank(ratio=0.5, allocator="loss", factorizer="fwhiten", sequential=True, refine_steps=2,
+                     calib_windows=4, calib_seq_len=64, fisher_windows=2)  # fmt: skip
+    _, out = patch_checkpoint(
+        folder / "dense", [recipe], folder / "tiny-lazy", state_dir=folder / "state", device=torch.device("cpu"),
+        dtype=torch.float32, tokenizer=tiny_tokenizer, calib_text=resolve_text("news", "calib"), show_progress=False,
+    )  # fmt: skip
+    assert len(list(out.glob("model-*-of-*.safetensors"))) == 3  # one per layer, one for the rest
+    server = _server(out, 1)
+    try:
+        tokens = _assert_serves_like_transformers(server, out, tiny_tokenizer)
+    finally:
+        server.stop()
+    ids = {p: tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS}
+    assert {p: hf_greedy(dense, ids[p], 16) for p in PROMPTS} != tokens  # the compression is served, not the dense
 
 
 def test_serve_refuses_a_folder_without_config(tmp_path, capsys):

@@ -27,6 +27,7 @@ def _require_onnx() -> None:
 def run_export(args: argparse.Namespace) -> int:
     _require_onnx()
     from eigenpatch.export.onnx import ExportFailed, export_onnx
+    from eigenpatch.export.precision import check_block
     from eigenpatch.hf_io import load_model
 
     if args.tensorrt:
@@ -34,7 +35,8 @@ def run_export(args: argparse.Namespace) -> int:
 
         if (reason := tensorrt_unavailable()) is not None:  # before loading anything
             raise UsageError(reason)
-    precision = "int8" if args.int8 else "float16" if args.fp16 else "float32"
+    precision = args.weights or ("dynamic-int8" if args.dynamic_int8 else "float16" if args.fp16 else "float32")
+    check_block(args.block)
     model, tokenizer, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
     try:
         meta = export_onnx(
@@ -45,6 +47,8 @@ def run_export(args: argparse.Namespace) -> int:
             force=args.force,
             precision=precision,
             tensorrt=args.tensorrt,
+            block=args.block,
+            quantize_head=not args.fp32_head,
         )
     except ExportFailed as exc:
         print(f"eigenpatch export: failed: {exc}", file=sys.stderr)
@@ -58,8 +62,9 @@ def run_export(args: argparse.Namespace) -> int:
         )
     if "precision" in meta:
         p = meta["precision"]
+        kind = p["kind"] + (f" (blocks of {p['block']}, head {p['head']})" if "block" in p else "")
         print(
-            f"{p['kind']}: {p['fp32_bytes'] / 1e6:.1f} MB -> {p['bytes'] / 1e6:.1f} MB; max |logit diff| vs PyTorch "
+            f"{kind}: {p['fp32_bytes'] / 1e6:.1f} MB -> {p['bytes'] / 1e6:.1f} MB; max |logit diff| vs PyTorch "
             f"fp32 {p['max_abs_logit_diff']:.2e}; greedy steps agreeing per prompt: {p['greedy_steps_agreeing']} "
             f"of {p['of']}"
         )
@@ -90,12 +95,15 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def add_export_commands(sub: Any) -> None:
+    from eigenpatch.export.precision import BLOCK_SIZES, DEFAULT_BLOCK, WEIGHT_BITS
+
     e = sub.add_parser(
         "export",
         help="export a (patched) model to ONNX with a KV cache, verified against PyTorch",
         description="Lower MODEL to ONNX (KV cache in and out, dynamic batch/sequence), then check logits and "
-        "32 greedy tokens against PyTorch; exit code 1 when they differ. --int8 / --fp16 then shrink the "
-        "verified graph and report their parity; --tensorrt builds an engine on a GPU machine.",
+        "32 greedy tokens against PyTorch; exit code 1 when they differ. --weights int8|int4 (CPU and edge), "
+        "--dynamic-int8 or --fp16 (GPU) then shrink the verified graph and report their parity against PyTorch; "
+        "--tensorrt builds an engine on a GPU machine.",
     )
     e.add_argument("model", help="model folder (patched or not), zoo name or hub id")
     e.add_argument("--onnx", required=True, metavar="OUT_DIR", help="output folder")
@@ -103,10 +111,33 @@ def add_export_commands(sub: Any) -> None:
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
     precision = e.add_mutually_exclusive_group()
     precision.add_argument(
-        "--int8", action="store_true", help="int8 MatMul weights (dynamic quantization) after the fp32 checks"
+        "--weights",
+        choices=list(WEIGHT_BITS),
+        help="weight-only int8 or int4 MatMul weights (ONNX Runtime MatMulNBits, factor pairs included; "
+        "activations stay fp32) after the fp32 checks: the edge formats",
+    )
+    precision.add_argument(
+        "--dynamic-int8",
+        "--int8",  # its name until weight-only formats came: it quantizes activations too
+        action="store_true",
+        help="ONNX Runtime dynamic quantization (int8 weights *and* activations, per call) after the fp32 checks; "
+        "harsh on SmolLM2 (docs/export.md), prefer --weights int8",
     )
     precision.add_argument(
         "--fp16", action="store_true", help="fp16 weights, activations and KV cache (GPU targets) after the fp32 checks"
+    )
+    e.add_argument(
+        "--block",
+        type=int,
+        default=DEFAULT_BLOCK,
+        help=f"with --weights: input rows per scale, one of {', '.join(map(str, BLOCK_SIZES))} "
+        f"(default {DEFAULT_BLOCK}; larger is smaller and coarser)",
+    )
+    e.add_argument(
+        "--fp32-head",
+        action="store_true",
+        help="with --weights: keep the output head in fp32 (by default it is quantized too, a tied head as its own "
+        "copy of the embedding table: it is a small model's largest matrix, read at every decode step)",
     )
     e.add_argument(
         "--tensorrt",
