@@ -57,22 +57,22 @@ def check_block(block: int) -> None:
 def quantize_weights(folder: Path, bits: int, block: int = DEFAULT_BLOCK, head: bool = True) -> dict[str, Any]:
     """Replace the fp32 graph in ``folder`` by its weight-only ``bits``-bit version (``MatMulNBits``).
 
-    Symmetric blocks (one scale per ``block`` input rows, no zero point): the weights of a trained
-    or factorized matrix are centred, and a zero point would cost a quarter more bytes at 4 bits.
+    Symmetric blocks (one scale per ``block`` input rows, no zero point; ``block`` checked by
+    :func:`check_block` in the caller, before any work). Measured on SmolLM2 at int4, zero points
+    help (docs/benchmarks.md): the next step of issue 22.
     Compute stays fp32 (``accuracy_level`` unset), so only the weights' rounding differs from fp32.
     The embedding lookup (a ``Gather``) stays fp32. A *tied* output head reads that table through a
     ``Transpose``, which the quantizer passes over, so with ``head`` it gets its own transposed copy
     first: the largest matrix of a small model is then read at ``bits`` bits per decode step too
     (for SmolLM2, 113 MB fp32 -> 18 MB at int4 per token, for 18 MB more on disk). Returns what was
-    done (``head``: "quantized", "tied, fp32" or "fp32").
+    done (``head``: "quantized" or "fp32").
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    check_block(block)
     model = onnx.load(str(folder / MODEL_FILE))
     head_state = _untie_head(model.graph) if head else "fp32"
-    excluded = [] if head else [n.name for n in model.graph.node if "logits" in n.output]
+    excluded = [] if head else [n.name for n in head_nodes(model.graph)]
     quantizer = MatMulNBitsQuantizer(
         model, bits=bits, block_size=block, is_symmetric=True, op_types_to_quantize=("MatMul",),
         nodes_to_exclude=excluded,
@@ -85,12 +85,17 @@ def quantize_weights(folder: Path, bits: int, block: int = DEFAULT_BLOCK, head: 
     return {"head": head_state}
 
 
+def head_nodes(graph: Any) -> list[Any]:
+    """The output head: the MatMul / Gemm that produces the graph's ``logits``."""
+    return [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and "logits" in n.output]
+
+
 def _untie_head(graph: Any) -> str:
     """Give the head ``MatMul(x, Transpose(table))`` a constant transposed copy of the table, so
     that it can be quantized; the ``Gather`` keeps the fp32 table. Returns the head's state."""
     from onnx import numpy_helper
 
-    head = next((n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+    head = next((n for n in head_nodes(graph) if n.op_type == "MatMul"), None)
     if head is None:
         return "fp32"
     initializers = {t.name: t for t in graph.initializer}
@@ -116,7 +121,7 @@ def quantize_dynamic_int8(folder: Path) -> None:
     fp32, staging = folder / MODEL_FILE, folder / "dynamic-int8"
     staging.mkdir()
     graph = onnx.load(str(fp32), load_external_data=False).graph
-    head = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and "logits" in n.output]
+    head = [n.name for n in head_nodes(graph)]
     quantize_dynamic(
         fp32,
         staging / MODEL_FILE,
