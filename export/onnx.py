@@ -28,8 +28,10 @@ from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
 from eigenpatch.export.precision import (
     DEFAULT_BLOCK,
+    DEFAULT_WEIGHT_WINDOWS,
     PRECISIONS,
     WEIGHT_BITS,
+    WEIGHT_SEQ_LEN,
     Reference,
     check_block,
     first_divergence,
@@ -145,6 +147,10 @@ def export_onnx(
     tensorrt: bool = False,
     block: int = DEFAULT_BLOCK,
     quantize_head: bool = True,
+    calib_windows: int = DEFAULT_WEIGHT_WINDOWS,
+    calib_text: str = "wiki",
+    quantize_embedding: bool = True,
+    dense_bits: int | None = None,
 ) -> dict[str, Any]:
     """Write ``model.onnx`` (+ external data), the tokenizer and ``eigenpatch_onnx.json`` to ``output``.
 
@@ -153,7 +159,10 @@ def export_onnx(
 
     ``precision``: ``"int8"`` / ``"int4"`` store the verified fp32 graph's MatMul weights (factor
     pairs and, with ``quantize_head``, the output head included) weight-only in blocks of ``block``
-    rows (``MatMulNBits``; activations stay fp32);
+    rows (``MatMulNBits``; activations stay fp32), GPTQ-rounded on ``calib_windows`` windows of
+    ``calib_text`` (0: round to nearest), the embedding table at int8 unless not
+    ``quantize_embedding``, and at int4 the Linears a compressed model kept dense at
+    ``dense_bits`` (default 32: fp32; see :func:`eigenpatch.export.precision.quantize_weights`);
     ``"dynamic-int8"`` is ONNX Runtime's dynamic quantization (activations too); ``"float16"``
     re-traces a half-precision copy (weights, activations and the KV cache in fp16, for GPU
     targets). None can meet the fp32 logits bound, so their parity is *reported* under
@@ -203,7 +212,13 @@ def export_onnx(
             fp32_bytes = onnx_bytes(tmp)
             done: dict[str, Any] = {}
             if precision in WEIGHT_BITS:
-                done = {"block": block, **quantize_weights(tmp, WEIGHT_BITS[precision], block, quantize_head)}
+                bits = WEIGHT_BITS[precision]
+                windows = _weight_windows(tokenizer, calib_text, calib_windows)
+                kept_dense = dense_bits or (32 if bits == 4 else None)
+                done = {
+                    "block": block,
+                    **quantize_weights(tmp, bits, block, quantize_head, windows, quantize_embedding, kept_dense),
+                }
             elif precision == "dynamic-int8":
                 quantize_dynamic_int8(tmp)
             else:  # a second trace in fp16: HF's own fp32 upcasts (RMSNorm, softmax) stay in the graph
@@ -227,6 +242,16 @@ def export_onnx(
                 raise ExportFailed(str(exc)) from None
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _weight_windows(tokenizer: Any, text: str, n: int) -> Any:
+    """GPTQ's calibration token windows (``None``: round to nearest, for want of text or of ``n``)."""
+    if tokenizer is None or n <= 0:
+        return None
+    from eigenpatch.calibration import calibration_windows
+    from eigenpatch.zoo import resolve_text
+
+    return calibration_windows(tokenizer, resolve_text(text, split="calib"), n, WEIGHT_SEQ_LEN).numpy()
 
 
 @torch.no_grad()

@@ -127,53 +127,70 @@ def test_dynamic_int8_export_shrinks_and_reports_greedy_agreement(tmp_path, tiny
 
 def test_weight_only_exports_pack_every_matmul_and_round_by_their_bits(tmp_path, tiny_tokenizer):
     """Every MatMul with a constant weight, both factors of each pair and the untied head, becomes a
-    MatMulNBits of 8 or 4 bits in blocks of 32; activations and the embedding stay fp32. The logits
-    move by the weights' rounding, 4 bits more than 8 (greedy agreement is reported, not asserted:
-    a tiny random model's next-token distribution is nearly flat, so any rounding flips near-ties;
-    ``bench/export_speed.py`` measures it on SmolLM2)."""
+    MatMulNBits of 8 or 4 bits in blocks of 32 (GPTQ on a few calibration windows); the embedding
+    lookup reads an int8 table. The logits move by the weights' rounding, 4 bits more than 8
+    (greedy agreement is reported, not asserted: a tiny random model's next-token distribution is
+    nearly flat, so any rounding flips near-ties; ``bench/export_speed.py`` measures it on SmolLM2)."""
     import onnx
 
     model = make_tiny("qwen2")  # untied head: it is quantized too
     eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
     diffs = {}
     for weights, bits in (("int8", 8), ("int4", 4)):
-        meta = export_onnx(model, tmp_path / weights, tokenizer=tiny_tokenizer, precision=weights, block=32)
+        meta = export_onnx(
+            model, tmp_path / weights, tokenizer=tiny_tokenizer, precision=weights, block=32, calib_windows=4,
+            dense_bits=bits,
+        )  # fmt: skip
         report = meta["precision"]
         assert report["kind"] == weights and report["block"] == 32 and report["bytes"] < report["fp32_bytes"]
+        assert report["method"] == "gptq" and report["calibration_windows"] == 4 and report["embedding"] == "int8"
+        assert report["pairs_balanced"] == model.config.num_hidden_layers * 7
         assert len(report["greedy_steps_agreeing"]) == 5 and 0 <= report["min"] <= report["of"]
         graph = onnx.load(str(tmp_path / weights / MODEL_FILE)).graph
         stored = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer}
-        assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in stored]
+        assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gather") and n.input[1] in stored]
+        assert [n.op_type for n in graph.node if "embedding" in n.output] == ["GatherBlockQuantized"]
         packed = [n for n in graph.node if n.op_type == "MatMulNBits"]
         assert len(packed) == model.config.num_hidden_layers * 7 * 2 + 1  # q k v o gate up down, 2 factors; head
         attrs = [{a.name: a.i for a in n.attribute} for n in packed]
         assert {a["bits"] for a in attrs} == {bits} and {a["block_size"] for a in attrs} == {32}
-        # bytes per weight: bits/8 + one fp32 scale per 32 (0.28x / 0.16x of fp32), a little more
-        # where a factor's rank is padded to whole blocks
+        # bytes per weight: bits/8 + one fp32 scale and a zero point per 32 (0.28x / 0.16x of fp32),
+        # a little more where a factor's rank is padded to whole blocks
         fp32 = sum(4 * a["K"] * a["N"] for a in attrs)
-        assert sum(stored.get(i, 0) for n in packed for i in n.input[1:]) < (0.35 if bits == 8 else 0.2) * fp32
+        assert sum(stored.get(i, 0) for n in packed for i in n.input[1:]) < (0.36 if bits == 8 else 0.21) * fp32
         diffs[weights] = report["max_abs_logit_diff"]
     assert 0 < diffs["int8"] < 0.05 and diffs["int8"] < diffs["int4"] < 0.5  # logits spread over ~1.5 here
 
 
-def test_a_tied_head_is_quantized_as_its_own_copy_unless_kept_fp32(tmp_path, tiny_tokenizer):
-    """The tied head reads the embedding table through a Transpose: it gets a transposed copy to
-    quantize, the Gather keeps the fp32 table; ``quantize_head=False`` leaves the head fp32."""
+def test_a_tied_table_is_stored_once_for_lookup_and_head_unless_kept_fp32(tmp_path, tiny_tokenizer):
+    """Rounded to the nearest level, a tied head and the lookup hold the same int8 codes: one table,
+    read by GatherBlockQuantized and (through a Reshape) by the head's MatMulNBits; the fp32 table
+    is gone. ``quantize_head=False`` / ``quantize_embedding=False`` keep each fp32. int4 keeps the
+    Linears a compressed model left dense at 8 bits unless told otherwise."""
     import onnx
 
     model = make_tiny("llama")  # tied embeddings
     eigenpatch.patch(model, eigenpatch.SVD(ratio=0.5), show_progress=False)
-    heads = {}
-    for keep in (False, True):
-        out = tmp_path / f"keep-{keep}"
-        meta = export_onnx(model, out, tokenizer=tiny_tokenizer, precision="int4", quantize_head=not keep)
+    tables = {}
+    for name, kwargs in {
+        "shared": {"precision": "int8"},
+        "fp32-head": {"precision": "int8", "quantize_head": False, "quantize_embedding": False},
+    }.items():
+        out = tmp_path / name
+        meta = export_onnx(model, out, tokenizer=tiny_tokenizer, calib_windows=0, **kwargs)
         graph = onnx.load(str(out / MODEL_FILE)).graph
-        heads[keep] = next(n.op_type for n in graph.node if "logits" in n.output)
-        assert meta["precision"]["head"] == ("fp32" if keep else "quantized")
-        gather = next(n for n in graph.node if n.op_type == "Gather" and "embedding" in n.output)
-        table = next(t for t in graph.initializer if t.name == gather.input[0])
-        assert table.data_type == onnx.TensorProto.FLOAT  # the lookup stays exact
-    assert heads == {False: "MatMulNBits", True: "MatMul"}
+        ops = {n.op_type for n in graph.node if "logits" in n.output or "embedding" in n.output}
+        shape = [model.config.vocab_size, model.config.hidden_size]
+        tables[name] = sorted(onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer if t.dims == shape)
+        if name == "shared":
+            assert (
+                meta["precision"]["embedding"] == "int8, shared with the head" and meta["precision"]["head"] == "int8"
+            )
+            assert ops == {"GatherBlockQuantized", "MatMulNBits"} and meta["precision"]["method"] == "round-to-nearest"
+        else:
+            assert meta["precision"]["embedding"] == "fp32" and meta["precision"]["head"] == "fp32"
+            assert ops == {"Gather", "MatMul"}
+    assert tables == {"shared": ["UINT8"], "fp32-head": ["FLOAT"]}  # one table each: the codes, or the fp32
 
 
 def test_bad_block_size_is_one_line_exit_2_before_loading(tmp_path, capsys):

@@ -49,6 +49,10 @@ def run_export(args: argparse.Namespace) -> int:
             tensorrt=args.tensorrt,
             block=args.block,
             quantize_head=not args.fp32_head,
+            calib_windows=args.calib_windows,
+            calib_text=args.calib,
+            quantize_embedding=not args.fp32_embedding,
+            dense_bits=args.dense_bits,
         )
     except ExportFailed as exc:
         print(f"eigenpatch export: failed: {exc}", file=sys.stderr)
@@ -62,7 +66,13 @@ def run_export(args: argparse.Namespace) -> int:
         )
     if "precision" in meta:
         p = meta["precision"]
-        kind = p["kind"] + (f" (blocks of {p['block']}, head {p['head']})" if "block" in p else "")
+        kind = p["kind"]
+        if "block" in p:
+            counts = ", ".join(f"{n} {b}" for b, n in p["matmuls_by_bits"].items())
+            kind += (
+                f" ({p['method']}, blocks of {p['block']}; MatMuls: {counts}; head {p['head']}, "
+                f"embedding {p['embedding']})"
+            )
         print(
             f"{kind}: {p['fp32_bytes'] / 1e6:.1f} MB -> {p['bytes'] / 1e6:.1f} MB; max |logit diff| vs PyTorch "
             f"fp32 {p['max_abs_logit_diff']:.2e}; greedy steps agreeing per prompt: {p['greedy_steps_agreeing']} "
@@ -95,7 +105,13 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def add_export_commands(sub: Any) -> None:
-    from eigenpatch.export.precision import BLOCK_SIZES, DEFAULT_BLOCK, WEIGHT_BITS
+    from eigenpatch.export.precision import (
+        BLOCK_SIZES,
+        DEFAULT_BLOCK,
+        DEFAULT_WEIGHT_WINDOWS,
+        WEIGHT_BITS,
+        WEIGHT_SEQ_LEN,
+    )
 
     e = sub.add_parser(
         "export",
@@ -136,8 +152,29 @@ def add_export_commands(sub: Any) -> None:
     e.add_argument(
         "--fp32-head",
         action="store_true",
-        help="with --weights: keep the output head in fp32 (by default it is quantized too, a tied head as its own "
-        "copy of the embedding table: it is a small model's largest matrix, read at every decode step)",
+        help="with --weights: keep the output head in fp32 (by default it is quantized too, a tied head from the "
+        "embedding table: it is a small model's largest matrix, read at every decode step)",
+    )
+    e.add_argument(
+        "--fp32-embedding",
+        action="store_true",
+        help="with --weights: keep the embedding table fp32 (by default the lookup reads it at int8, "
+        "GatherBlockQuantized)",
+    )
+    e.add_argument(
+        "--dense-bits",
+        type=int,
+        choices=(4, 8, 32),
+        help="with --weights int4: bits for the Linears a compressed model kept dense, its most sensitive "
+        "(default 32: fp32, as accurate as 8 and faster in ONNX Runtime; a model without factor pairs is all int4)",
+    )
+    e.add_argument("--calib", default="wiki", help="with --weights: GPTQ calibration text, wiki or a .txt file")
+    e.add_argument(
+        "--calib-windows",
+        type=int,
+        default=DEFAULT_WEIGHT_WINDOWS,
+        help=f"with --weights: GPTQ calibration windows of {WEIGHT_SEQ_LEN} tokens (%(default)s); 0 rounds "
+        "to the nearest level instead (fast, worse)",
     )
     e.add_argument(
         "--tensorrt",
