@@ -248,7 +248,7 @@ def rewrite(folder: Path, model_file: str, recipe: Recipe, windows: np.ndarray |
         if is_head:
             bits = recipe.head_bits or recipe.bits
         else:
-            bits = recipe.bits if id(target.node) in paired else (recipe.dense_bits or recipe.bits)
+            bits = recipe.dense_bits if paired and id(target.node) not in paired and recipe.dense_bits else recipe.bits
         gram = grams.get(target.node.input[0])
         if gram is None:
             q = quantize_rtn(target.weight, bits, recipe.block, recipe.search)

@@ -193,6 +193,25 @@ def test_a_tied_table_is_stored_once_for_lookup_and_head_unless_kept_fp32(tmp_pa
     assert tables == {"shared": ["UINT8"], "fp32-head": ["FLOAT"]}  # one table each: the codes, or the fp32
 
 
+def test_a_dense_model_is_int4_throughout_and_a_compressed_one_keeps_its_dense_linears_fp32(tmp_path, tiny_tokenizer):
+    """``dense_bits`` (default fp32 at int4) is for the Linears a *compressed* model kept dense; a
+    model without factor pairs has every MatMul at int4."""
+    import onnx
+
+    dense = make_tiny("llama")
+    mixed = make_tiny("llama")
+    eigenpatch.patch(mixed, eigenpatch.SVD(ratio=0.5, targets=["q_proj", "k_proj"]), show_progress=False)
+    counts = {}
+    for name, model in (("dense", dense), ("mixed", mixed)):
+        meta = export_onnx(model, tmp_path / name, tokenizer=tiny_tokenizer, precision="int4", calib_windows=0)
+        graph = onnx.load(str(tmp_path / name / MODEL_FILE)).graph
+        counts[name] = (meta["precision"]["matmuls_by_bits"], sum(n.op_type == "MatMul" for n in graph.node))
+    layers = dense.config.num_hidden_layers
+    assert counts["dense"][0] == {"int4": 7 * layers + 1}
+    assert counts["mixed"][0] == {"int4": 2 * 2 * layers + 1}  # q and k pairs, the head
+    assert counts["mixed"][1] - counts["dense"][1] == 5 * layers  # v o gate up down stay fp32 MatMuls
+
+
 def test_bad_block_size_is_one_line_exit_2_before_loading(tmp_path, capsys):
     missing = tmp_path / "missing-model"  # never loaded: the block size is checked first
     args = ["export", str(missing), "--onnx", str(tmp_path / "o"), "--weights", "int4", "--block", "48"]
