@@ -170,7 +170,7 @@ def pairs(graph: Any, found: list[Target]) -> list[tuple[Target, Target]]:
     ]
 
 
-def balance_pairs(graph: Any, found: list[Target], grams: dict[str, np.ndarray]) -> int:
+def balance_pairs(factor_pairs: list[tuple[Target, Target]], grams: dict[str, np.ndarray]) -> int:
     """Rescale each factor pair so that the columns of its ``up`` factor have equal norms.
 
     ``up @ down == (up * s) @ (down / s)`` exactly, for any positive ``s`` per rank component.
@@ -183,7 +183,7 @@ def balance_pairs(graph: Any, found: list[Target], grams: dict[str, np.ndarray])
     Returns the number of pairs rescaled; weights and Grams are updated in place.
     """
     done = 0
-    for down, up in pairs(graph, found):
+    for down, up in factor_pairs:
         norm = np.linalg.norm(up.weight, axis=0)
         if not (norm > 0).all():
             continue
@@ -205,10 +205,15 @@ class Recipe:
     block: int
     head: bool = True  # quantize the output head (a tied head from the table itself)
     head_bits: int | None = None  # None: ``bits``
-    dense_bits: int | None = None  # MatMuls outside factor pairs (head excluded); None: ``bits``
+    dense_bits: int | None = None  # a compressed model's MatMuls outside pairs; None: ``bits``, 32: fp32
     embedding_bits: int | None = None  # the ``Gather`` table; None: stays fp32
     act_order: bool = True
     search: bool = False  # a searched grid per block: helps rounding to nearest, not GPTQ
+
+    def bits_for(self, kind: str) -> int | None:
+        """Bits for a MatMul of ``kind`` ("head", "pair", "dense"); ``None`` leaves it fp32."""
+        bits = {"head": self.head_bits, "dense": self.dense_bits}.get(kind) or self.bits
+        return None if bits == 32 else bits
 
 
 def rewrite(folder: Path, model_file: str, recipe: Recipe, windows: np.ndarray | None = None) -> dict[str, Any]:
@@ -230,25 +235,27 @@ def rewrite(folder: Path, model_file: str, recipe: Recipe, windows: np.ndarray |
         found = [t for t in found if "logits" not in t.node.output]
     names = [t.node.input[0] for t in found]
     grams = input_grams(folder, model_file, model, names, windows) if windows is not None else {}
-    paired = {id(t.node) for pair in pairs(graph, found) for t in pair}
-    if paired and recipe.dense_bits == 32:  # a compressed model's dense Linears stay fp32 MatMuls
-        found = [t for t in found if id(t.node) in paired or "logits" in t.node.output]
+    factor_pairs = pairs(graph, found)
+    paired = {id(t.node) for pair in factor_pairs for t in pair}
+    # a model without pairs is not compressed: its Linears are not "kept dense", they are all there is
+    kinds = {
+        id(t.node): "head" if "logits" in t.node.output else "dense" if paired and id(t.node) not in paired else "pair"
+        for t in found
+    }
+    found = [t for t in found if recipe.bits_for(kinds[id(t.node)]) is not None]
     done: dict[str, Any] = {
         "method": "gptq" if grams else "round-to-nearest",
         "calibration_windows": 0 if windows is None else len(windows),
-        "pairs_balanced": balance_pairs(graph, found, grams),
+        "pairs_balanced": balance_pairs(factor_pairs, grams),
         "matmuls": len(found),
         "head": "fp32",
     }
     replaced: dict[int, list[Any]] = {}
-    head: tuple[Target, BlockQuant, bool] | None = None
+    head_target, head_q, head_rounded = None, None, False
     bits_used: dict[int, int] = {}
     for i, target in enumerate(tqdm(found, desc=f"int{recipe.bits} weights", unit="matmul", leave=False)):
-        is_head = "logits" in target.node.output
-        if is_head:
-            bits = recipe.head_bits or recipe.bits
-        else:
-            bits = recipe.dense_bits if paired and id(target.node) not in paired and recipe.dense_bits else recipe.bits
+        kind = kinds[id(target.node)]
+        bits = recipe.bits_for(kind)
         gram = grams.get(target.node.input[0])
         if gram is None:
             q = quantize_rtn(target.weight, bits, recipe.block, recipe.search)
@@ -256,26 +263,28 @@ def rewrite(folder: Path, model_file: str, recipe: Recipe, windows: np.ndarray |
             q = quantize_gptq(target.weight, gram, bits, recipe.block, recipe.act_order, recipe.search)
         replaced[id(target.node)] = [nbits_node(graph, target, q, f"w{i}")]
         bits_used[bits] = bits_used.get(bits, 0) + 1
-        if is_head:
-            head = (target, q, gram is None)
+        if kind == "head":
+            head_target, head_q, head_rounded = target, q, gram is None
             done["head"] = f"int{bits}"
     done["matmuls_by_bits"] = {f"int{b}": n for b, n in sorted(bits_used.items())}
     gather = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in initializers), None)
     if recipe.embedding_bits and gather is not None:
         table = gather.input[0]
         # a tied head rounded to the nearest level at the same bits holds exactly the table's codes
-        shared = head is not None and head[0].tied and head[0].source == table and head[2]
-        shared = shared and head[1].bits == recipe.embedding_bits
-        q = head[1] if shared else quantize_rtn(initializers[table], recipe.embedding_bits, recipe.block)
+        shared = (
+            head_target is not None and head_target.tied and head_target.source == table and head_rounded
+            and head_q.bits == recipe.embedding_bits
+        )  # fmt: skip
+        q = head_q if shared else quantize_rtn(initializers[table], recipe.embedding_bits, recipe.block)
         replaced[id(gather)] = [gather_node(graph, gather, q, "embed")]
         done["embedding"] = f"int{recipe.embedding_bits}" + (", shared with the head" if shared else "")
         if shared:  # the head's MatMulNBits reads the table's bytes through a Reshape
-            node = replaced[id(head[0].node)][0]
+            node = replaced[id(head_target.node)][0]
             shape = numpy_helper.from_array(np.array(q.packed_codes().shape, dtype=np.int64), "embed.nbits_shape")
             graph.initializer.append(shape)
             reshape = helper.make_node("Reshape", [f"embed.table_q{q.bits}", shape.name], ["embed.head_b"])
             node.input[1:4] = ["embed.head_b", "embed.table_scales", "embed.table_zeros"]
-            replaced[id(head[0].node)] = [reshape, node]
+            replaced[id(head_target.node)] = [reshape, node]
     else:
         done["embedding"] = "fp32"
     nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
