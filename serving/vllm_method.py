@@ -14,7 +14,8 @@ Layouts (``r_s`` = rank of shard ``s``, ``o_s`` = its output rows on this TP ran
   ``lowrank_down [Σ r_s, in]`` replicated (every rank needs the whole input projection),
   ``lowrank_up`` one flat buffer holding each shard's ``[o_s, r_s]`` rows for this rank, and
   ``weight [Σ o_s(dense), in]`` for shards that stayed dense. One GEMM computes every shard's
-  latent, one small GEMM per shard expands it; no communication (as a dense column layer).
+  latent and every dense shard's rows (the two stacked after loading), one small GEMM per
+  latent slice expands it; no communication (as a dense column layer).
 * **Row-parallel** layers (``RowParallelLinear``: o_proj, down_proj): ``lowrank_down [r, in/tp]``
   split by input columns, ``lowrank_up [out, r]`` replicated; each rank's partial output is
   summed by the layer's own all-reduce, exact by linearity; the bias is added on rank 0 only,
@@ -173,23 +174,28 @@ class LowRankLinearMethod(LinearMethodBase):
         return load
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Give every factor the GEMM vLLM gives dense layers (packed oneDNN / sgl kernels on CPU).
+        """Give every factor the GEMM vLLM gives dense layers (packed oneDNN / sgl kernels on CPU),
+        with as few GEMM calls as the layout allows.
 
         Measured on the 2-core CPU machine: with plain ``F.linear`` in bf16 the patched SmolLM2
         decoded at 0.70x the dense speed; the packed kernels are what the dense layers use.
-        The loading buffers are then released: the packed copies are what runs.
+        A column layer's first stage is **one** GEMM: its stacked ``down`` factors and the rows of
+        its dense shards, read from one packed matrix (a batch-1 step is bound by call overhead as
+        much as by bytes at these sizes). The second stage is one GEMM per latent slice; a
+        block-diagonal or rank-padded single GEMM reads 1.8-2.5x the ``up`` bytes and was slower
+        at batch 1 (``docs/serving.md``). The loading buffers are then released: the packed
+        copies are what runs.
         """
         shards = layer.eigenpatch_shards
         gemms = nn.ModuleDict()
         if shards is None:
             gemms["down"], gemms["up"] = Gemm(getattr(layer, DOWN_NAME)), Gemm(getattr(layer, UP_NAME))
         else:
-            if hasattr(layer, DOWN_NAME):
-                gemms["down"] = Gemm(getattr(layer, DOWN_NAME))
-            if hasattr(layer, "weight"):
-                gemms["dense"] = Gemm(layer.weight)
+            stages = [getattr(layer, n) for n in (DOWN_NAME, "weight") if hasattr(layer, n)]
+            gemms["first"] = Gemm(torch.cat(stages) if len(stages) > 1 else stages[0])
+            latent = getattr(layer, DOWN_NAME).shape[0] if hasattr(layer, DOWN_NAME) else 0
             up = getattr(layer, UP_NAME, None)
-            layer.eigenpatch_segments = _segments(shards)
+            layer.eigenpatch_segments = _segments(shards, latent)
             for i, (kind, start, length, rows) in enumerate(layer.eigenpatch_segments):
                 if kind == "lowrank":  # consecutive shards reading one latent (gate + up) expand in one GEMM
                     offset = next(s.up_offset for s in shards if s.rank is not None and s.latent_offset == start)
@@ -205,26 +211,28 @@ class LowRankLinearMethod(LinearMethodBase):
         if layer.eigenpatch_shards is None:  # row-parallel: this rank's partial sum; the layer all-reduces it
             y = gemms["up"](gemms["down"](x))
             return y if bias is None else y + bias
-        latent = gemms["down"](x) if "down" in gemms else None
-        dense = gemms["dense"](x) if "dense" in gemms else None
+        first = gemms["first"](x)  # [latents of every low-rank shard | outputs of every dense shard]
         outputs = []
         for i, (kind, start, length, _) in enumerate(layer.eigenpatch_segments):  # fixed layout: traced once
-            if kind == "dense":
-                outputs.append(dense[..., start : start + length])
-            else:
-                outputs.append(gemms[f"up{i}"](latent[..., start : start + length]))
+            piece = first[..., start : start + length]
+            outputs.append(piece if kind == "dense" else gemms[f"up{i}"](piece))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
 
 
-def _segments(shards: tuple[Shard, ...]) -> tuple[tuple[str, int, int, int], ...]:
-    """``(kind, start, length, rows)`` runs of the output: dense rows (``start``/``length`` in the
-    dense GEMM's output) or a low-rank expansion (``start``/``length``: the latent slice it reads,
-    ``rows``: outputs), merging consecutive low-rank shards that read the same latent slice."""
+def _segments(shards: tuple[Shard, ...], latent: int) -> tuple[tuple[str, int, int, int], ...]:
+    """``(kind, start, length, rows)`` runs of the output, indexing the first-stage GEMM's output
+    ``[latents (latent wide) | dense rows]``: dense rows (``start``/``length``: their columns) or a
+    low-rank expansion (``start``/``length``: the latent slice it reads, ``rows``: outputs).
+    Adjacent dense shards are one slice (their rows are stored in order), and consecutive low-rank
+    shards that read the same latent slice expand in one GEMM."""
     segments: list[list[Any]] = []
     for s in shards:
-        if s.rank is None:
-            segments.append(["dense", s.dense_offset, s.rows, s.rows])
+        if s.rank is None and segments and segments[-1][0] == "dense":  # adjacent dense rows: one slice
+            segments[-1][2] += s.rows
+            segments[-1][3] += s.rows
+        elif s.rank is None:
+            segments.append(["dense", latent + s.dense_offset, s.rows, s.rows])
         elif segments and segments[-1][0] == "lowrank" and segments[-1][1:3] == [s.latent_offset, s.rank]:
             segments[-1][3] += s.rows
         else:
