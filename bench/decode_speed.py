@@ -3,9 +3,11 @@
     python bench/decode_speed.py --patched patched/smollm2-135m-loss-fwhiten-c0.5
     python bench/decode_speed.py --patched P05 P03 --runtimes transformers onnx --repeats 5
 
-Runtimes: ``transformers`` (eager, fp32, as ``from_pretrained`` gives it), ``compile`` (the same
-model's forward under ``torch.compile``), ``onnx`` (the fp32 graph ``eigenpatch export`` writes,
-in ONNX Runtime's CPU provider) and ``vllm`` (``eigenpatch serve``, bf16, the OpenAI endpoint).
+Runtimes: ``transformers`` (eager, fp32, as ``eigenpatch.load`` gives it), ``onnx`` (the fp32
+graph ``eigenpatch export`` writes, in ONNX Runtime's CPU provider) and ``vllm`` (``eigenpatch
+serve``, bf16, the OpenAI endpoint, which compiles its model with ``torch.compile``). transformers
+under ``torch.compile`` is not a row: its warm-up (a 256-token prefill, batch-1 and batch-16 decode
+through the dynamic KV cache) had not finished after 9 minutes on the 2-core machine.
 Per runtime and model: prefill tokens/s (one 256-token prompt), batch-1 decode tokens/s (64
 greedy tokens after a 128-token prompt), 16-sequence decode tokens/s (one batch of 16 in the
 in-process runtimes, 16 concurrent HTTP requests in vLLM) and the peak RSS of the process (vLLM:
@@ -38,7 +40,7 @@ from results_io import RESULTS, peak_rss_bytes, write_result
 from eigenpatch.table import fmt_bytes, fmt_float, format_table
 from eigenpatch.zoo import resolve_model, resolve_text
 
-RUNTIMES = ("transformers", "compile", "onnx", "vllm")
+RUNTIMES = ("transformers", "onnx", "vllm")
 
 
 def weight_bytes(folder: Path) -> int:
@@ -59,9 +61,9 @@ def prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
 
 
 class TorchRunner:
-    """transformers through its KV cache; ``compiled``: the forward under ``torch.compile``."""
+    """transformers through its KV cache."""
 
-    def __init__(self, folder: Path, compiled: bool) -> None:
+    def __init__(self, folder: Path) -> None:
         import torch
 
         import eigenpatch
@@ -69,10 +71,9 @@ class TorchRunner:
         torch.set_grad_enabled(False)
         self.torch = torch
         self.model = eigenpatch.load(folder).eval()
-        self.forward = torch.compile(self.model.forward, dynamic=True) if compiled else self.model.forward
 
     def step(self, ids: Any, cache: Any) -> Any:
-        logits = self.forward(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
         return logits[:, -1:].argmax(-1)
 
     def prefill(self, batch: list[list[int]]) -> tuple[Any, Any]:
@@ -125,7 +126,7 @@ def measure_in_process(runner: Any, work: dict[str, Any]) -> dict[str, float]:
 
 def worker(runtime: str, folder: Path) -> None:
     """Load one model, then answer each line of stdin (a JSON work order) with one measurement."""
-    runner = OnnxRunner(folder) if runtime == "onnx" else TorchRunner(folder, compiled=runtime == "compile")
+    runner = OnnxRunner(folder) if runtime == "onnx" else TorchRunner(folder)
     print("ready", flush=True)
     for line in sys.stdin:
         work = json.loads(line)
@@ -202,7 +203,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("RUNTIME", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m", help="the dense model (zoo name or folder)")
     parser.add_argument("--patched", nargs="+", required=False, default=[], help="patched checkpoint folder(s)")
-    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=["transformers", "onnx", "vllm"])
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--prefill-tokens", type=int, default=256)
     parser.add_argument("--decode-prompt", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=64)
@@ -264,7 +265,7 @@ def run_runtime(
         workers = {label: Worker(runtime, folder) for label, folder in folders.items()}
         peaks = {}
         try:
-            for w in workers.values():  # warm-up (compiles, allocates arenas); not kept
+            for w in workers.values():  # warm-up (allocates arenas and caches); not kept
                 w.ask(work | {"steps": 4})
             for r in range(args.repeats):
                 for label, w in workers.items():
