@@ -19,9 +19,13 @@ standardization, same mode) as the naive baseline.
 
 Reported per budget and defence: the *transfer* attack success rate (suffixes optimized on the
 undefended model, as a defence-unaware attacker would) and the *adaptive* one (PGD through the
-projection). Clean cost of each defence: wiki and news perplexity (4,096 eval tokens each) and
-top-1 agreement with the undefended model (teacher-forced next-token argmax on 1,024 news tokens).
-Defences that raise wiki perplexity more than 2x are not attacked adaptively (not deployable).
+projection). Clean cost of each defence: perplexity on every text of the ``--domains`` panel
+(4,096 eval tokens each; by default Wikipedia, news, the Python docs and the Jargon File, see
+:mod:`eigenpatch.zoo`), the **worst-domain cost** (the largest perplexity ratio to the undefended
+model over the panel: a user's text may be any of them), and top-1 agreement with the undefended
+model (teacher-forced next-token argmax on 1,024 news tokens). ``--budgets`` with no value
+measures the clean cost alone.
+Defences that raise perplexity more than 2x on some domain are not attacked adaptively (not deployable).
 Prints tables, writes ``bench/results/shield_robustness.json``.
 """
 
@@ -50,6 +54,12 @@ from eigenpatch.patchers.eigenshield.transform import ShieldSubspace, fit_subspa
 from eigenpatch.patchers.hidden_states import parse_site
 from eigenpatch.table import fmt_float, format_table
 from eigenpatch.zoo import resolve_text
+
+#: the arguments that define the protocol, stored with the results
+PROTOCOL_ARGS = (
+    *("pairs", "prompt", "suffix", "target", "steps", "budgets", "adaptive_at"),
+    *("sites", "settings", "domains"),
+)
 
 
 def build_pairs(ids: torch.Tensor, n: int, prompt: int, target: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sites", nargs="+", default=["embed", "layer:15"])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.5, 1.0], help="x mean embedding norm")
+    parser.add_argument("--budgets", nargs="*", type=float, default=[0.25, 0.5, 1.0], help="x mean embedding norm")
+    parser.add_argument("--domains", nargs="+", default=["wiki", "news", "pydoc", "jargon"], help="eval texts")
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--prompt", type=int, default=12)
     parser.add_argument("--suffix", type=int, default=6)
@@ -148,7 +159,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "shield_robustness.json")
     args = parser.parse_args()
     if args.adaptive_at is None:
-        args.adaptive_at = [sorted(args.budgets)[len(args.budgets) // 2]]
+        args.adaptive_at = [sorted(args.budgets)[len(args.budgets) // 2]] if args.budgets else []
     torch.manual_seed(0)
     model, tokenizer, _ = load_model(args.model)
     model.requires_grad_(False)
@@ -192,8 +203,8 @@ def main() -> None:
             detach(layers[index], projection.hook)
 
     # -- clean cost ----------------------------------------------------------------------
-    eval_ids = {t: tokenize(tokenizer, resolve_text(t, "eval"), args.eval_tokens) for t in ("wiki", "news")}
-    agree_windows = eval_ids["news"][:1024].view(4, 256)
+    eval_ids = {t: tokenize(tokenizer, resolve_text(t, "eval"), args.eval_tokens) for t in args.domains}
+    agree_windows = tokenize(tokenizer, resolve_text("news", "eval"), 1024)[:1024].view(4, 256)
     reference = top1(model, agree_windows)
     clean: dict[str, dict[str, float]] = {}
     for name in [None, *defences]:
@@ -202,10 +213,12 @@ def main() -> None:
             clean[key] = {t: perplexity(model, x, show_progress=False).ppl for t, x in eval_ids.items()}
             clean[key]["top1_agreement"] = float((top1(model, agree_windows) == reference).float().mean())
         clean[key]["rank"] = defences[name][1].rank if name else 0
+        clean[key]["worst_cost"] = max(clean[key][t] / clean["none"][t] for t in args.domains) - 1
         print(f"clean {key}: {clean[key]}", flush=True)
 
     # -- attacks -------------------------------------------------------------------------
-    prompts, targets = build_pairs(eval_ids["wiki"], args.pairs, args.prompt, args.target, seed=1)
+    wiki_ids = tokenize(tokenizer, resolve_text("wiki", "eval"), args.eval_tokens)
+    prompts, targets = build_pairs(wiki_ids, args.pairs, args.prompt, args.target, seed=1)
     suffix_ids = torch.tensor(tokenizer(" !" * args.suffix, add_special_tokens=False)["input_ids"][: args.suffix])
     attack = Attack(model, prompts, targets, suffix_ids)
     asr: dict[str, dict[str, Any]] = {}
@@ -221,7 +234,7 @@ def main() -> None:
         for name in defences:
             with defended(name):
                 entry = {"transfer": float(attack.success(delta).float().mean())}
-                if budget in args.adaptive_at and clean[name]["wiki"] < 2 * clean["none"]["wiki"]:
+                if budget in args.adaptive_at and clean[name]["worst_cost"] < 1:  # below 2x on every domain
                     t0 = time.perf_counter()
                     entry["adaptive"] = float(attack.run(radius, args.steps)[1].float().mean())
                     entry["adaptive_seconds"] = round(time.perf_counter() - t0, 1)
@@ -229,13 +242,14 @@ def main() -> None:
             print(f"budget {budget}: {name} {entry}", flush=True)
         asr[str(budget)] = row
 
-    headers = ["defence", "rank", "ppl wiki", "ppl news", "top-1 agree"]
+    headers = ["defence", "rank", *(f"ppl {t}" for t in args.domains), "worst cost", "top-1 agree"]
     for budget in args.budgets:
         headers += [f"ASR@{budget} transfer", f"ASR@{budget} adaptive"]
     table = []
     for key in ["none", *defences]:
         c = clean[key]
-        line = [key, c["rank"], fmt_float(c["wiki"], 2), fmt_float(c["news"], 2), f"{c['top1_agreement']:.3f}"]
+        line = [key, c["rank"], *(fmt_float(c[t], 2) for t in args.domains), f"{100 * c['worst_cost']:+.1f} %"]
+        line.append(f"{c['top1_agreement']:.3f}")
         for budget in args.budgets:
             e = asr[str(budget)][key]
             line += [f"{e['transfer']:.2f}", f"{e['adaptive']:.2f}" if "adaptive" in e else "-"]
@@ -246,10 +260,7 @@ def main() -> None:
         {
             "bench": "shield_robustness",
             "model": args.model,
-            "protocol": {
-                k: getattr(args, k)
-                for k in ("pairs", "prompt", "suffix", "target", "steps", "budgets", "adaptive_at", "sites", "settings")
-            }
+            "protocol": {k: getattr(args, k) for k in PROTOCOL_ARGS}
             | {"mean_embedding_norm": unit, "shield": config.to_dict(), "calibration_seconds": round(calib_seconds, 1)},
             "fits": fits,
             "clean": clean,

@@ -12,6 +12,13 @@ ordinary wheels:
   MediaWiki filter and split *by article* into disjoint calibration and evaluation text.
 - ``news``: the Lee corpus of Australian news articles in the same wheel: a second eval text of
   a different kind (short news prose), split the same way.
+- ``pydoc``: the reStructuredText sources of the Python 3.11 documentation (Debian's
+  ``python3.11-doc``: technical prose with code), one document per page.
+- ``jargon``: the Jargon File (Debian's ``jargon-text``: a hacker glossary, informal and full of
+  slang), its entries grouped into documents.
+
+The two Debian texts are fetched as the packages' files (``apt-get download`` + ``dpkg-deb -x``,
+nothing installed), so a domain panel of four kinds of real text needs no hub either.
 
 The cache lives in ``$EIGENPATCH_CACHE`` (default ``~/.cache/eigenpatch``).
 """
@@ -251,7 +258,68 @@ def _build_news(out: Path) -> None:
     _write_splits(out, [line.strip() + "\n" for line in lines if line.strip()])
 
 
-TEXTS = {"wiki": _build_wiki, "news": _build_news}
+def _debian_files(package: str, dest: Path) -> Path:
+    """Unpack Debian's ``package`` into ``dest`` without installing it (``apt-get download`` +
+    ``dpkg-deb -x``); returns ``dest``. A package that cannot be had is one clear error."""
+    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise UsageError(f"the {package} text needs Debian's {' and '.join(missing)}; use wiki or news instead")
+    with tempfile.TemporaryDirectory() as tmp:
+        _log(f"downloading Debian's {package} (once; its files only, nothing is installed)")
+        got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if got.returncode != 0 or len(debs) != 1:
+            last = (got.stderr.strip().splitlines() or ["no .deb"])[-1]
+            hint = "run 'apt-get update' or check the network"
+            raise UsageError(f"could not download Debian's {package} ({last}); {hint}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(dest)], check=True, capture_output=True)
+    return dest
+
+
+_RST_ROLE = re.compile(r":[a-z:]+:`!?([^`<]*?)(?:\s*<[^>]*>)?`")  # :keyword:`if`, :ref:`text <target>`
+_RST_DIRECTIVE = re.compile(r"^\.\. ")  # labels, directives and comments start a line with ".. "
+
+
+def _build_pydoc(out: Path) -> None:
+    """Technical prose with code: every page of the Python 3.11 docs, roles reduced to their text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _debian_files("python3.11-doc", Path(tmp)) / "usr/share/doc/python3.11/html/_sources"
+        pages = []
+        for page in sorted(root.rglob("*.rst.txt")):
+            lines = page.read_text(encoding="utf-8", errors="replace").splitlines()
+            body = "\n".join(_RST_ROLE.sub(r"\1", line) for line in lines if not _RST_DIRECTIVE.match(line))
+            if len(body.strip()) >= MIN_ARTICLE_CHARS:
+                pages.append(body.strip() + "\n")
+    _write_splits(out, pages)
+
+
+_JARGON_ENTRY = re.compile(r"^   :[^:]+:")  # "   :Godwin's Law: prov." opens an entry
+JARGON_DOCUMENT_CHARS = 2000  # consecutive entries joined to about this length: one document each
+
+
+def _build_jargon(out: Path) -> None:
+    """Informal hacker English: the Jargon File's glossary entries, ~2,000 characters per document."""
+    import gzip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _debian_files("jargon-text", Path(tmp)) / "usr/share/doc/jargon-text/jargon.txt.gz"
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace").splitlines()
+    entries: list[list[str]] = []
+    for line in lines:
+        if _JARGON_ENTRY.match(line):
+            entries.append([])
+        if entries:
+            entries[-1].append(line[3:] if line.startswith("   ") else line)
+    documents, current = [], ""
+    for entry in entries:
+        current += "\n".join(entry).strip() + "\n\n"
+        if len(current) >= JARGON_DOCUMENT_CHARS:
+            documents.append(current)
+            current = ""
+    _write_splits(out, documents)
+
+
+TEXTS = {"wiki": _build_wiki, "news": _build_news, "pydoc": _build_pydoc, "jargon": _build_jargon}
 SPLITS = ("calib", "eval")
 
 

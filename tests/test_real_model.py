@@ -36,6 +36,19 @@ def test_wiki_calibration_and_eval_text_are_disjoint_articles():
     assert "[[" not in evals and "{{" not in evals and "'''" not in evals  # markup cleaned
 
 
+@pytest.mark.parametrize("name", ["pydoc", "jargon"])
+def test_debian_domain_texts_split_into_disjoint_documents_of_their_kind(name, smollm2):
+    """The shield's domain panel: real text of other kinds, fetched from Debian's packages once."""
+    calib, evals = resolve_text(name, split="calib"), resolve_text(f"{name}:eval")
+    assert len(evals) > 100_000 and len(calib) > 5 * len(evals)
+    probes = [evals[i * len(evals) // 6 :][:300] for i in range(1, 6)]
+    assert not any(probe in calib for probe in probes)  # split by document: no eval passage is in calib
+    marker = {"pydoc": ">>> ", "jargon": "[Usenet]"}[name]  # interpreter sessions; usage notes
+    assert marker in calib and ":keyword:`" not in evals  # reST roles reduced to their text
+    ppl = perplexity(smollm2[0], tokenize(smollm2[1], evals, 1024), show_progress=False).ppl
+    assert 3 < ppl < 200  # real English of its own kind, not markup soup
+
+
 def test_dense_perplexity_matches_the_reference_protocol(smollm2, eval_ids):
     ppl = perplexity(smollm2[0], eval_ids, show_progress=False)
     assert ppl.scored_tokens == EVAL_TOKENS - EVAL_TOKENS // 512
