@@ -8,8 +8,9 @@ embeddings* (PGD, an L2 ball of radius ``budget x mean embedding norm`` per toke
 gradient steps) so that greedy decoding continues with a fixed target of ``--target`` tokens. A
 pair is broken when, at some PGD step, every target token is the argmax given the ones before
 (then greedy generation produces the target exactly). Prompts and targets are token spans of the
-wiki *eval* text (the shield is calibrated on the disjoint calib split); a target comes from a
-different place than its prompt, so it is not the natural continuation.
+wiki *eval* text (the shield is calibrated on the disjoint calib splits of the ``--calib`` texts,
+default wiki, equal windows from each); a target comes from a different place than its prompt, so
+it is not the natural continuation.
 
 Defences, each fitted once: EigenShield at each ``--sites`` for each of ``--settings``
 (``MODE:CANDIDATES:QUANTILE``; ``drop`` removes the correlational candidates, ``keep`` keeps only
@@ -58,7 +59,7 @@ from eigenpatch.zoo import resolve_text
 #: the arguments that define the protocol, stored with the results
 PROTOCOL_ARGS = (
     *("pairs", "prompt", "suffix", "target", "steps", "budgets", "adaptive_at"),
-    *("sites", "settings", "domains"),
+    *("sites", "settings", "domains", "calib"),
 )
 
 
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=["embed", "layer:15"])
     parser.add_argument("--budgets", nargs="*", type=float, default=[0.25, 0.5, 1.0], help="x mean embedding norm")
     parser.add_argument("--domains", nargs="+", default=["wiki", "news", "pydoc", "jargon"], help="eval texts")
+    parser.add_argument("--calib", nargs="+", default=["wiki"], help="calibration texts, equal windows from each")
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--prompt", type=int, default=12)
     parser.add_argument("--suffix", type=int, default=6)
@@ -168,8 +170,12 @@ def main() -> None:
 
     # -- defences -----------------------------------------------------------------------
     config = EigenShield(score=args.score)
-    windows = calibration_windows(
-        tokenizer, resolve_text("wiki", "calib"), config.calib_windows, config.calib_seq_len, config.seed
+    per_text = max(1, config.calib_windows // len(args.calib))  # a mixed set: equal windows from each text
+    windows = torch.cat(
+        [
+            calibration_windows(tokenizer, resolve_text(t, "calib"), per_text, config.calib_seq_len, config.seed)
+            for t in args.calib
+        ]
     )
     start = time.perf_counter()
     stats = collect_site_stats(
