@@ -165,7 +165,7 @@ class Worker:
 # ---------------------------------------------------------------- vLLM (servers)
 
 
-def measure_vllm(servers: dict[str, Any], work: dict[str, Any], tokenizer: Any) -> dict[str, dict[str, float]]:
+def measure_vllm(servers: dict[str, Any], work: dict[str, Any]) -> dict[str, dict[str, float]]:
     """One repeat over every server: the same token-id prompts as the in-process runtimes."""
     from serve_throughput import post
 
@@ -175,7 +175,7 @@ def measure_vllm(servers: dict[str, Any], work: dict[str, Any], tokenizer: Any) 
 
     out = {}
     for label, (url, name, _, _) in servers.items():
-        row = {}  # every prompt below is new to the server, so its prefix cache never answers
+        row = {}  # the servers run without a prefix cache, so every repeat computes its prefill
         start = time.perf_counter()  # prefill: a one-token completion of the long prompt
         complete(url, name, work["prefill"][0], 1)
         row["prefill_tok_s"] = len(work["prefill"][0]) / (time.perf_counter() - start)
@@ -237,7 +237,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eigenpatch-decode-bench-") as tmp:
         for runtime in args.runtimes:
             print(f"== {runtime}", flush=True)
-            rows[runtime] = run_runtime(runtime, models, work, args, tokenizer, Path(tmp))
+            rows[runtime] = run_runtime(runtime, models, work, args, Path(tmp))
     report(rows, sizes, args)
 
 
@@ -255,11 +255,11 @@ def export_fp32(folder: Path, out: Path) -> Path:
 
 
 def run_runtime(
-    runtime: str, models: dict[str, Path], work: dict[str, Any], args: argparse.Namespace, tokenizer: Any, tmp: Path
+    runtime: str, models: dict[str, Path], work: dict[str, Any], args: argparse.Namespace, tmp: Path
 ) -> dict[str, dict[str, Any]]:
     samples: dict[str, list[dict[str, float]]] = {label: [] for label in models}
     if runtime == "vllm":
-        peaks = measure_servers(models, work, args, tokenizer, samples)
+        peaks = measure_servers(models, work, args, samples)
     else:
         folders = models if runtime != "onnx" else {k: export_fp32(v, tmp / f"onnx-{k}") for k, v in models.items()}
         workers = {label: Worker(runtime, folder) for label, folder in folders.items()}
@@ -283,7 +283,7 @@ def run_runtime(
 
 
 def measure_servers(
-    models: dict[str, Path], work: dict[str, Any], args: argparse.Namespace, tokenizer: Any, samples: dict[str, list]
+    models: dict[str, Path], work: dict[str, Any], args: argparse.Namespace, samples: dict[str, list]
 ) -> dict[str, int]:
     """Every model behind its own server, all up at once (an idle vLLM server waits on a socket)."""
     from serve_throughput import PeakSampler, free_port
@@ -294,15 +294,16 @@ def measure_servers(
     try:
         for label, folder in models.items():
             port = free_port()
-            extra = ["--dtype", args.vllm_dtype, "--max-model-len", "1024"]
+            # no prefix cache: the repeats send the same prompts, and a cached prefill is no prefill
+            extra = ["--dtype", args.vllm_dtype, "--max-model-len", "1024", "--no-enable-prefix-caching"]
             process = serve(folder, port=port, extra=extra, foreground=False)
             sampler = PeakSampler(process.pid)
             sampler.start()
             servers[label] = (f"http://127.0.0.1:{port}", folder.name, process, sampler)
             print(f"  {label} serving on port {port}", flush=True)
-        measure_vllm(servers, work | {"steps": 4}, tokenizer)  # warm-up
+        measure_vllm(servers, work | {"steps": 4})  # warm-up
         for r in range(args.repeats):
-            for label, row in measure_vllm(servers, work, tokenizer).items():
+            for label, row in measure_vllm(servers, work).items():
                 samples[label].append(row)
             print(f"  repeat {r + 1}/{args.repeats}", flush=True)
     finally:
