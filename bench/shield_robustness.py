@@ -209,8 +209,11 @@ def main() -> None:
             detach(layers[index], projection.hook)
 
     # -- clean cost ----------------------------------------------------------------------
-    eval_ids = {t: tokenize(tokenizer, resolve_text(t, "eval"), args.eval_tokens) for t in args.domains}
-    agree_windows = tokenize(tokenizer, resolve_text("news", "eval"), 1024)[:1024].view(4, 256)
+    def eval_tokens(text: str) -> torch.Tensor:
+        return tokenize(tokenizer, resolve_text(text, "eval"), args.eval_tokens)
+
+    eval_ids = {t: eval_tokens(t) for t in args.domains}
+    agree_windows = (eval_ids["news"] if "news" in eval_ids else eval_tokens("news"))[:1024].view(4, 256)
     reference = top1(model, agree_windows)
     clean: dict[str, dict[str, float]] = {}
     for name in [None, *defences]:
@@ -223,7 +226,7 @@ def main() -> None:
         print(f"clean {key}: {clean[key]}", flush=True)
 
     # -- attacks -------------------------------------------------------------------------
-    wiki_ids = tokenize(tokenizer, resolve_text("wiki", "eval"), args.eval_tokens)
+    wiki_ids = eval_ids["wiki"] if "wiki" in eval_ids else eval_tokens("wiki")
     prompts, targets = build_pairs(wiki_ids, args.pairs, args.prompt, args.target, seed=1)
     suffix_ids = torch.tensor(tokenizer(" !" * args.suffix, add_special_tokens=False)["input_ids"][: args.suffix])
     attack = Attack(model, prompts, targets, suffix_ids)

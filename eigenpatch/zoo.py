@@ -26,6 +26,7 @@ The cache lives in ``$EIGENPATCH_CACHE`` (default ``~/.cache/eigenpatch``).
 from __future__ import annotations
 
 import bz2
+import gzip
 import importlib.util
 import os
 import re
@@ -299,8 +300,6 @@ JARGON_DOCUMENT_CHARS = 2000  # consecutive entries joined to about this length:
 
 def _build_jargon(out: Path) -> None:
     """Informal hacker English: the Jargon File's glossary entries, ~2,000 characters per document."""
-    import gzip
-
     with tempfile.TemporaryDirectory() as tmp:
         path = _debian_files("jargon-text", Path(tmp)) / "usr/share/doc/jargon-text/jargon.txt.gz"
         lines = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace").splitlines()
