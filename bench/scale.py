@@ -39,14 +39,17 @@ from transformers import AutoTokenizer, LlamaConfig
 from eigenpatch.table import fmt_bytes, format_table
 from eigenpatch.zoo import cache_dir, resolve_model
 
-#: Llama-2-7B (27 GB in fp32), and SmolLM2-360M (1.45 GB in fp32: the "1 GB model" of issue 20).
+#: Llama-2-7B (27 GB in fp32), SmolLM2-360M (1.45 GB in fp32: the "1 GB model" of issue 20), and
+#: Llama-3.2-1B's widths (16 layers: what ``bench/decode_speed.py`` runs at a size where each GEMM
+#: streams megabytes, with SmolLM2's 49k vocabulary).
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
     "360m": dict(hidden_size=960, intermediate_size=2560, num_attention_heads=15, num_key_value_heads=5),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8),
 }
 #: The shards' dtype (what ``--dtype auto`` computes in): 7B as published (bf16); the small one in
 #: fp32, so that it is the 1 GB-fp32 case exactly.
-DTYPES = {"7b": torch.bfloat16, "360m": torch.float32}
+DTYPES = {"7b": torch.bfloat16, "360m": torch.float32, "1b": torch.bfloat16}
 
 
 def _layer_tensors(i: int, config: LlamaConfig, gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from results_io import RESULTS, write_result
 from torch import nn
 
-from eigenpatch.calibration import calibration_windows
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.format.interventions import HiddenProjection, attach, decoder_layers, detach
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers.eigenshield.config import EigenShield
+from eigenpatch.patchers.eigenshield.select import calibration_set, choose_quantile
 from eigenpatch.patchers.eigenshield.stats import collect_site_stats, mean_embedding_norm
 from eigenpatch.patchers.eigenshield.transform import ShieldSubspace, fit_subspace, projection_from_basis
 from eigenpatch.patchers.hidden_states import parse_site
@@ -84,9 +84,14 @@ class Attack:
             self.target_emb = embed(targets)
         self.targets = targets
         self.first = prompts.shape[1] + suffix_ids.shape[0] - 1  # position predicting the first target token
+        #: the defence snaps input embeddings to vocabulary rows (set while it is in place)
+        self.snap: Snap | None = None
 
     def _forward(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([self.prompt_emb, self.suffix_emb + delta, self.target_emb], dim=1)
+        suffix = self.suffix_emb + delta
+        if self.snap is not None:  # BPDA: snapped forward, identity backward (the attacker knows the defence)
+            suffix = suffix + (self.snap(suffix) - suffix).detach()
+        x = torch.cat([self.prompt_emb, suffix, self.target_emb], dim=1)
         hidden = self.model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state
         logits = self.model.lm_head(hidden[:, self.first : self.first + self.targets.shape[1]]).float()
         loss = F.cross_entropy(logits.flatten(0, 1), self.targets.flatten(), reduction="none")
@@ -116,6 +121,28 @@ class Attack:
             delta = leaf.detach() - step_size * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             delta = delta * (radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
         raise AssertionError("unreachable")
+
+
+class Snap:
+    """Input embeddings replaced by their nearest vocabulary rows (a token-only threat model).
+
+    Prompt and target embeddings are rows already, so only the suffix is snapped (the same map)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table.detach()
+        self.sq = self.table.float().square().sum(1)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        scores = 2 * x.float() @ self.table.float().T - self.sq  # argmax = nearest row
+        return self.table[scores.argmax(-1)].to(x.dtype)
+
+    def nearest_other(self, ids: torch.Tensor) -> torch.Tensor:
+        """Distance from each row ``ids`` to its nearest other row: snapping undoes any perturbation
+        shorter than half of it, whatever the attacker does."""
+        d = torch.cdist(self.table[ids].float(), self.table.float())
+        d[torch.arange(len(ids)), ids] = float("inf")
+        return d.min(1).values
 
 
 def random_projection(sub: ShieldSubspace, mode: str, hook: str, seed: int) -> HiddenProjection:
@@ -154,9 +181,11 @@ def main() -> None:
         "--settings",
         nargs="+",
         default=["drop:spikes:0.9", "drop:outliers:0.96", "drop:outliers:0.98", "keep:spikes:0.5"],
-        help="shield settings MODE:CANDIDATES:QUANTILE (%(default)s)",
+        help="shield settings MODE:CANDIDATES:QUANTILE, QUANTILE a number or auto, chosen as patch-model does "
+        "(%(default)s)",
     )
     parser.add_argument("--score", default=EigenShield.score)
+    parser.add_argument("--snap", action="store_true", help="also: snap to vocabulary rows, alone and with each shield")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=RESULTS / "shield_robustness.json")
     args = parser.parse_args()
@@ -169,44 +198,57 @@ def main() -> None:
     unit = mean_embedding_norm(model)
 
     # -- defences -----------------------------------------------------------------------
-    config = EigenShield(score=args.score)
-    per_text = max(1, config.calib_windows // len(args.calib))  # a mixed set: equal windows from each text
-    windows = torch.cat(
-        [
-            calibration_windows(tokenizer, resolve_text(t, "calib"), per_text, config.calib_seq_len, config.seed)
-            for t in args.calib
-        ]
-    )
+    config = EigenShield(score=args.score, calib=tuple(args.calib))
+    windows = calibration_set(tokenizer, config, None)  # equal windows from each text, and held-out ones
     start = time.perf_counter()
     stats = collect_site_stats(
-        model, args.sites, windows, config.chunks, perturb=config.perturb, epsilon=config.epsilon
+        model, args.sites, windows.fit, config.chunks, perturb=config.perturb, epsilon=config.epsilon
     )
     calib_seconds = time.perf_counter() - start
-    defences: dict[str, tuple[int, HiddenProjection]] = {}
+    defences: dict[str, tuple[int, HiddenProjection | None, bool]] = {}
     fits: dict[str, Any] = {}
     for site in args.sites:
         index, hook = parse_site(site, len(layers))
         for setting in args.settings:
             mode, candidates, q = setting.split(":")
-            sub = fit_subspace(stats[site], dataclasses.replace(config, candidates=candidates, quantile=float(q)))
+            setting_config = dataclasses.replace(config, candidates=candidates)
+            choice = None
+            if q == "auto":  # what patch-model does by default: the worst calibration text's cost decides
+
+                def projection_at(quantile: float) -> HiddenProjection:
+                    return fit_subspace(stats[site], setting_config, quantile).projection(mode, hook)  # noqa: B023
+
+                choice = choose_quantile(model, layers[index], projection_at, windows.check, config.max_cost)
+            sub = fit_subspace(stats[site], setting_config, choice.quantile if choice else float(q))
             fit = f"{candidates} q={q} @{site}"
-            fits[fit] = sub.details()
+            fits[fit] = sub.details() | (choice.details() if choice else {})
             label = f"{mode} {fit}"
-            defences[f"shield {label}"] = (index, sub.projection(mode, hook))
-            defences[f"random {label}"] = (index, random_projection(sub, mode, hook, seed=len(defences)))
+            defences[f"shield {label}"] = (index, sub.projection(mode, hook), False)
+            defences[f"random {label}"] = (index, random_projection(sub, mode, hook, seed=len(defences)), False)
+            if args.snap and site == "embed":
+                defences[f"snap + shield {label}"] = (index, sub.projection(mode, hook), True)
             print(f"{fit}: {fits[fit]}", flush=True)
+    if args.snap:
+        defences["snap"] = (0, None, True)
+    snap = Snap(model.get_input_embeddings().weight)
+    attack: Attack | None = None  # built after the clean cost; the defences snap its suffix
 
     @contextmanager
     def defended(name: str | None) -> Iterator[None]:
-        if name is None:
-            yield
-            return
-        index, projection = defences[name]
-        attach(layers[index], projection)
+        """The defence in place: its projection attached, and the attack's suffix snapped if it snaps.
+        Token-id inputs are rows already, so snapping changes no clean perplexity."""
+        index, projection, snaps = defences[name] if name else (0, None, False)
+        if projection is not None:
+            attach(layers[index], projection)
+        if attack is not None:
+            attack.snap = snap if snaps else None
         try:
             yield
         finally:
-            detach(layers[index], projection.hook)
+            if attack is not None:
+                attack.snap = None
+            if projection is not None:
+                detach(layers[index], projection.hook)
 
     # -- clean cost ----------------------------------------------------------------------
     def eval_tokens(text: str) -> torch.Tensor:
@@ -221,7 +263,7 @@ def main() -> None:
         with defended(name):
             clean[key] = {t: perplexity(model, x, show_progress=False).ppl for t, x in eval_ids.items()}
             clean[key]["top1_agreement"] = float((top1(model, agree_windows) == reference).float().mean())
-        clean[key]["rank"] = defences[name][1].rank if name else 0
+        clean[key]["rank"] = defences[name][1].rank if name and defences[name][1] is not None else 0
         clean[key]["worst_cost"] = max(clean[key][t] / clean["none"][t] for t in args.domains) - 1
         print(f"clean {key}: {clean[key]}", flush=True)
 
@@ -230,6 +272,8 @@ def main() -> None:
     prompts, targets = build_pairs(wiki_ids, args.pairs, args.prompt, args.target, seed=1)
     suffix_ids = torch.tensor(tokenizer(" !" * args.suffix, add_special_tokens=False)["input_ids"][: args.suffix])
     attack = Attack(model, prompts, targets, suffix_ids)
+    reach = float(snap.nearest_other(suffix_ids.unique()).min()) / unit
+    print(f"nearest other vocabulary row to a suffix token: {reach:.3f} x mean embedding norm", flush=True)
     asr: dict[str, dict[str, Any]] = {}
     for budget in args.budgets:
         radius = budget * unit
@@ -272,6 +316,7 @@ def main() -> None:
             "protocol": {k: getattr(args, k) for k in PROTOCOL_ARGS}
             | {"mean_embedding_norm": unit, "shield": config.to_dict(), "calibration_seconds": round(calib_seconds, 1)},
             "fits": fits,
+            "suffix_nearest_other_row": reach,
             "clean": clean,
             "asr": asr,
         },

@@ -222,10 +222,10 @@ def test_patch_model_shield_cli_and_shield_spectrum_plot(tmp_path, tiny_tokenize
     make_tiny("qwen2").save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     out = tmp_path / "out"
-    argv = [str(src), "--shield", "layer:1", "--shield-mode", "keep", "--calib", "news", "-o", str(out), "-q"]
+    argv = [str(src), "--shield", "layer:1", "--shield-mode", "keep", "--shield-calib", "news", "-o", str(out), "-q"]
     assert patch_model_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "eigenshield @layer:1 (keep)" in printed and "causal" in printed
+    assert "eigenshield @layer:1 (keep)" in printed and "causal" in printed and "chosen: worst cost" in printed
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert [step["transform"] for step in qconfig["recipe"]] == ["eigenshield"]
     ((name, spec),) = qconfig["interventions"].items()
@@ -240,6 +240,45 @@ def test_patch_model_shield_cli_and_shield_spectrum_plot(tmp_path, tiny_tokenize
     assert patch_model_main(bad) == EXIT_USAGE
     assert "'layer:L' with L in [-2, 1]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_calibration_set_takes_equal_windows_per_text_and_holds_some_out(tiny_tokenizer):
+    from eigenpatch.patchers.eigenshield.select import calibration_set
+
+    config = EigenShield(calib=("news", "wiki"), calib_windows=8, calib_seq_len=32, check_windows=3)
+    windows = calibration_set(tiny_tokenizer, config, None)
+    assert windows.fit.shape == (8, 32) and list(windows.check) == ["news", "wiki"]
+    fit_rows = {tuple(row.tolist()) for row in windows.fit}
+    for held in windows.check.values():
+        assert held.shape == (3, 32)
+        assert not fit_rows & {tuple(row.tolist()) for row in held}  # never fitted on
+    with pytest.raises(UsageError, match="max_cost"):
+        EigenShield(max_cost=0)
+
+
+@pytest.mark.parametrize("max_cost", [1e9, 1e-6])
+def test_quantile_is_the_most_protective_one_within_the_worst_texts_cost(max_cost, tiny_tokenizer):
+    import warnings
+
+    from eigenpatch.patchers.eigenshield.config import QUANTILE_GRID
+
+    model = make_tiny("llama")
+    config = EigenShield(calib=("news", "wiki"), calib_windows=16, calib_seq_len=64, chunks=4, max_cost=max_cost)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = eigenpatch.patch(model, config, tokenizer=tiny_tokenizer, show_progress=False)["steps"][0]
+    assert step["calib_texts"] == ["news", "wiki"] and step["quantile_chosen"]
+    worst = {float(q): max(costs.values()) for q, costs in step["check_costs"].items()}
+    tried = sorted(worst)
+    assert tried == sorted(QUANTILE_GRID)[: len(tried)]  # from the most protective end, in order
+    assert all(worst[q] > max_cost for q in tried[:-1])  # every more protective one cost too much
+    if step["max_cost_met"]:
+        assert step["quantile"] == tried[-1] and worst[tried[-1]] <= max_cost
+    else:
+        assert step["quantile"] == max(QUANTILE_GRID) and len(tried) == len(QUANTILE_GRID)
+        assert any("no quantile in the grid" in str(w.message) for w in caught)
+    if max_cost == 1e9:
+        assert step["quantile"] == min(QUANTILE_GRID) and len(tried) == 1
 
 
 # The default (embed, drop) is exported by the registry contract test (test_contract.py).

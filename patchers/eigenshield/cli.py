@@ -8,8 +8,20 @@ from typing import Any
 
 from eigenpatch.cli.pieces import CliPiece, register_piece
 from eigenpatch.errors import UsageError
-from eigenpatch.patchers.eigenshield.config import CANDIDATES, SCORES, EigenShield
+from eigenpatch.patchers.eigenshield.config import CANDIDATES, DEFAULT_CALIB, QUANTILE_GRID, SCORES, EigenShield
 from eigenpatch.recipe import TransformConfig
+
+
+def _quantile(value: str) -> float | None:
+    if value == "auto":
+        return None
+    try:
+        q = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {value!r}") from None
+    if not 0.0 <= q <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {value!r}")
+    return q
 
 
 def add_shield_args(p: argparse.ArgumentParser) -> None:
@@ -29,9 +41,27 @@ def add_shield_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--shield-quantile",
+        type=_quantile,
+        default=None,
+        metavar="Q|auto",
+        help="candidates whose robustness score is above this quantile are correlational and dropped; "
+        f"auto (default): the lowest of {', '.join(map(str, QUANTILE_GRID))} whose perplexity cost on held-out "
+        "windows of every --shield-calib text is within --shield-max-cost",
+    )
+    g.add_argument(
+        "--shield-max-cost",
         type=float,
-        default=EigenShield.quantile,
-        help="candidates whose robustness score is above this quantile are correlational (%(default)s)",
+        default=EigenShield.max_cost,
+        metavar="FRACTION",
+        help="largest perplexity cost auto may pay on any calibration text (%(default)s: +5%%)",
+    )
+    g.add_argument(
+        "--shield-calib",
+        nargs="+",
+        default=list(DEFAULT_CALIB),
+        metavar="TEXT",
+        help="texts the shield is fitted on, equal windows from each (zoo names or .txt files; "
+        "default: %(default)s, one of each kind in the domain panel). Calibrate on the kinds of text you serve",
     )
     g.add_argument(
         "--shield-candidates",
@@ -51,6 +81,8 @@ def build_shield(args: argparse.Namespace) -> EigenShield | None:
         site=args.shield,
         mode=args.shield_mode,
         quantile=args.shield_quantile,
+        max_cost=args.shield_max_cost,
+        calib=tuple(args.shield_calib),
         score=args.shield_score,
         candidates=args.shield_candidates,
         seed=args.seed,
@@ -65,7 +97,17 @@ def shield_summary(step: dict[str, Any]) -> str:
         f"(sigma^2 {step['sigma2']:.3g}, {step['tokens']:,} tokens), "
         f"{step['causal']} causal / {step['correlational']} correlational, projector rank {step['rank']}, "
         f"{step['seconds']} s"
-    )
+    ) + _chosen(step)
+
+
+def _chosen(step: dict[str, Any]) -> str:
+    """How the quantile was chosen, when it was: the worst held-out cost and the text it hit."""
+    if not step.get("quantile_chosen"):
+        return ""
+    costs = step["check_costs"][str(step["quantile"])]
+    worst = max(costs, key=costs.get)
+    met = "" if step["max_cost_met"] else ", above the limit"
+    return f"; quantile {step['quantile']} chosen: worst cost {costs[worst]:+.1%} ({worst}{met})"
 
 
 def run_shield_spectrum(args: argparse.Namespace, model: Any, tokenizer: Any, folder: Path) -> int:

@@ -41,17 +41,18 @@ surface, would bypass it) and would untie a tied ``lm_head``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from eigenpatch.calibration import calibration_windows
 from eigenpatch.errors import UsageError
 from eigenpatch.format.interventions import HiddenProjection, attach, decoder_layers
-from eigenpatch.patchers.eigenshield.config import SCORES, EigenShield
+from eigenpatch.patchers.eigenshield.config import DISPLAY_QUANTILE, SCORES, EigenShield
 from eigenpatch.patchers.eigenshield.rmt import Spectrum, fit_spectrum
+from eigenpatch.patchers.eigenshield.select import CalibrationSet, calibration_set, choose_quantile
 from eigenpatch.patchers.eigenshield.stats import SiteStats, collect_site_stats
 from eigenpatch.patchers.hidden_states import parse_site
 from eigenpatch.recipe import PatchContext, TransformResult, register_transform
@@ -143,8 +144,11 @@ def robustness_scores(
     raise UsageError(f"shield score {score!r} is not one of {SCORES}")
 
 
-def fit_subspace(stats: SiteStats, config: EigenShield) -> ShieldSubspace:
-    """Steps 2-5 of the module docstring on collected statistics."""
+def fit_subspace(stats: SiteStats, config: EigenShield, quantile: float | None = None) -> ShieldSubspace:
+    """Steps 2-5 of the module docstring on collected statistics, at ``quantile`` (default: the
+    config's; when that is chosen later, :data:`DISPLAY_QUANTILE`)."""
+    quantile = quantile if quantile is not None else config.quantile
+    quantile = quantile if quantile is not None else DISPLAY_QUANTILE
     mean, cov, n = stats.moments()
     scale = cov.diagonal().clamp_min(1e-12).sqrt() if config.standardize else torch.ones_like(mean)
     spectrum = fit_spectrum(cov / torch.outer(scale, scale), n, config.noise, config.margin)
@@ -152,7 +156,7 @@ def fit_subspace(stats: SiteStats, config: EigenShield) -> ShieldSubspace:
     if candidates.numel() == 0:
         raise UsageError(f"no {config.candidates} outside the Marchenko-Pastur bulk at this site: nothing to project")
     scores = robustness_scores(stats, spectrum, scale, config.score, candidates)
-    threshold = float(torch.quantile(scores, config.quantile))
+    threshold = float(torch.quantile(scores, quantile))
     return ShieldSubspace(
         mean,
         scale,
@@ -167,14 +171,17 @@ def fit_subspace(stats: SiteStats, config: EigenShield) -> ShieldSubspace:
 
 def shield_stats(
     model: nn.Module, config: EigenShield, context: PatchContext, sites: list[str]
-) -> dict[str, SiteStats]:
-    """Calibration statistics for ``sites``, cached in ``context.cache`` (benchmarks fit many configs)."""
+) -> tuple[dict[str, SiteStats], CalibrationSet]:
+    """Calibration statistics for ``sites`` and the windows they came from, cached in
+    ``context.cache`` (benchmarks fit many configs)."""
     perturb = config.perturb if config.score == "perturbation" else None  # resampling needs no perturbed pass
     key = (
         "eigenshield",
         tuple(sites),
+        config.calib,
         config.calib_windows,
         config.calib_seq_len,
+        config.check_windows,
         config.chunks,
         perturb,
         config.epsilon,
@@ -182,15 +189,13 @@ def shield_stats(
         config.seed,
     )
     if key not in context.cache:
-        if context.tokenizer is None or context.calib_text is None:
+        if context.tokenizer is None or (context.calib_text is None and not config.calib):
             raise UsageError("eigenshield needs calibration text and a tokenizer (--calib)")
-        windows = calibration_windows(
-            context.tokenizer, context.calib_text, config.calib_windows, config.calib_seq_len, config.seed
-        )
-        context.cache[key] = collect_site_stats(
+        windows = calibration_set(context.tokenizer, config, context.calib_text)
+        stats = collect_site_stats(
             model,
             sites,
-            windows,
+            windows.fit,
             chunks=config.chunks,
             perturb=perturb,
             epsilon=config.epsilon,
@@ -198,6 +203,7 @@ def shield_stats(
             seed=config.seed,
             show_progress=context.show_progress,
         )
+        context.cache[key] = stats, windows
     return context.cache[key]
 
 
@@ -205,9 +211,28 @@ def shield_stats(
 def apply_eigenshield(model: nn.Module, config: EigenShield, context: PatchContext) -> TransformResult:
     layers = decoder_layers(model)
     index, hook = parse_site(config.site, len(layers))
-    stats = shield_stats(model, config, context, [config.site])[config.site]
-    subspace = fit_subspace(stats, config)
-    projection = subspace.projection(config.mode, hook, config.start)
+    all_stats, windows = shield_stats(model, config, context, [config.site])
+    stats = all_stats[config.site]
     ref = next(model.parameters())
+
+    def projection_at(quantile: float) -> HiddenProjection:
+        sub = fit_subspace(stats, config, quantile)
+        return sub.projection(config.mode, hook, config.start).to(device=ref.device, dtype=ref.dtype)
+
+    chosen: dict[str, Any] = {"quantile": config.quantile}
+    if config.quantile is None:
+        choice = choose_quantile(model, layers[index], projection_at, windows.check, config.max_cost)
+        chosen = choice.details()
+        if not choice.met:
+            warnings.warn(
+                f"eigenshield: no quantile in the grid keeps the perplexity cost within {config.max_cost:.0%} on "
+                f"every calibration text; using {choice.quantile} (worst cost {chosen['worst_check_cost']:+.1%})",
+                stacklevel=2,
+            )
+    subspace = fit_subspace(stats, config, chosen["quantile"])
+    projection = subspace.projection(config.mode, hook, config.start)
     attach(layers[index], projection.to(device=ref.device, dtype=ref.dtype))
-    return TransformResult({**subspace.details(), "rank": projection.rank, "layer": index, "hook": hook})
+    texts = list(windows.check)
+    return TransformResult(
+        {**subspace.details(), **chosen, "calib_texts": texts, "rank": projection.rank, "layer": index, "hook": hook}
+    )
