@@ -2,6 +2,8 @@
 
     python bench/shield_robustness.py                              # the full grid (about an hour on 2 cores)
     python bench/shield_robustness.py --pairs 20 --steps 10 --adaptive-at   # a quick look
+    python bench/shield_robustness.py --sites embed --settings drop:outliers:auto --budgets 0.1 0.25 0.5 \
+        --adaptive-at 0.1 0.25 0.5 --suffix 8 --steps 60 --snap       # the default, adaptive (about an hour)
 
 Threat model: the attacker appends ``--suffix`` tokens to a prompt and perturbs *their input
 embeddings* (PGD, an L2 ball of radius ``budget x mean embedding norm`` per token, normalized
@@ -9,14 +11,16 @@ gradient steps) so that greedy decoding continues with a fixed target of ``--tar
 pair is broken when, at some PGD step, every target token is the argmax given the ones before
 (then greedy generation produces the target exactly). Prompts and targets are token spans of the
 wiki *eval* text (the shield is calibrated on the disjoint calib splits of the ``--calib`` texts,
-default wiki, equal windows from each); a target comes from a different place than its prompt, so
-it is not the natural continuation.
+default the four ``patch-model --shield`` uses, equal windows from each); a target comes from a
+different place than its prompt, so it is not the natural continuation.
 
 Defences, each fitted once: EigenShield at each ``--sites`` for each of ``--settings``
 (``MODE:CANDIDATES:QUANTILE``; ``drop`` removes the correlational candidates, ``keep`` keeps only
 the causal ones; candidates are the ``spikes`` above the Marchenko-Pastur bulk or the ``outliers``,
-spikes and deficits below it), and for each of them a random subspace of the same dimension (same
-standardization, same mode) as the naive baseline.
+spikes and deficits below it; ``QUANTILE`` may be ``auto``, chosen as ``patch-model`` does), and for
+each of them a random subspace of the same dimension (same standardization, same mode) as the naive
+baseline. ``--snap`` adds snapping the input embeddings to their nearest vocabulary rows, alone and
+in front of each shield; the adaptive attacker then uses a straight-through gradient (BPDA).
 
 Reported per budget and defence: the *transfer* attack success rate (suffixes optimized on the
 undefended model, as a defence-unaware attacker would) and the *adaptive* one (PGD through the
@@ -48,7 +52,7 @@ from torch import nn
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.format.interventions import HiddenProjection, attach, decoder_layers, detach
 from eigenpatch.hf_io import load_model
-from eigenpatch.patchers.eigenshield.config import EigenShield
+from eigenpatch.patchers.eigenshield.config import DEFAULT_CALIB, EigenShield
 from eigenpatch.patchers.eigenshield.select import calibration_set, choose_quantile
 from eigenpatch.patchers.eigenshield.stats import collect_site_stats, mean_embedding_norm
 from eigenpatch.patchers.eigenshield.transform import ShieldSubspace, fit_subspace, projection_from_basis
@@ -165,7 +169,9 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=["embed", "layer:15"])
     parser.add_argument("--budgets", nargs="*", type=float, default=[0.25, 0.5, 1.0], help="x mean embedding norm")
     parser.add_argument("--domains", nargs="+", default=["wiki", "news", "pydoc", "jargon"], help="eval texts")
-    parser.add_argument("--calib", nargs="+", default=["wiki"], help="calibration texts, equal windows from each")
+    parser.add_argument(
+        "--calib", nargs="+", default=list(DEFAULT_CALIB), help="calibration texts, equal windows from each text"
+    )
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--prompt", type=int, default=12)
     parser.add_argument("--suffix", type=int, default=6)
