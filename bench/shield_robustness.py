@@ -217,15 +217,15 @@ def main() -> None:
         index, hook = parse_site(site, len(layers))
         for setting in args.settings:
             mode, candidates, q = setting.split(":")
-            setting_config = dataclasses.replace(config, candidates=candidates)
+            fitted = fit_subspace(stats[site], dataclasses.replace(config, candidates=candidates))
             choice = None
             if q == "auto":  # what patch-model does by default: the worst calibration text's cost decides
 
                 def projection_at(quantile: float) -> HiddenProjection:
-                    return fit_subspace(stats[site], setting_config, quantile).projection(mode, hook)  # noqa: B023
+                    return fitted.at(quantile).projection(mode, hook)  # noqa: B023
 
                 choice = choose_quantile(model, layers[index], projection_at, windows.check, config.max_cost)
-            sub = fit_subspace(stats[site], setting_config, choice.quantile if choice else float(q))
+            sub = fitted.at(choice.quantile if choice else float(q))
             fit = f"{candidates} q={q} @{site}"
             fits[fit] = sub.details() | (choice.details() if choice else {})
             label = f"{mode} {fit}"
@@ -261,7 +261,8 @@ def main() -> None:
         return tokenize(tokenizer, resolve_text(text, "eval"), args.eval_tokens)
 
     eval_ids = {t: eval_tokens(t) for t in args.domains}
-    agree_windows = (eval_ids["news"] if "news" in eval_ids else eval_tokens("news"))[:1024].view(4, 256)
+    news = eval_ids["news"] if "news" in eval_ids else eval_tokens("news")
+    agree_windows = news[: min(1024, len(news) // 256 * 256)].view(-1, 256)  # up to 4 windows of 256
     reference = top1(model, agree_windows)
     clean: dict[str, dict[str, float]] = {}
     for name in [None, *defences]:

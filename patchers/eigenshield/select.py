@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eigenpatch.calibration import calibration_windows
+from eigenpatch.evaluate import perplexity
 from eigenpatch.format.interventions import HiddenProjection, attach, detach
 from eigenpatch.patchers.eigenshield.config import QUANTILE_GRID, EigenShield
 from eigenpatch.zoo import resolve_text
@@ -52,17 +52,9 @@ def calibration_set(tokenizer: object, config: EigenShield, run_text: str | None
     return CalibrationSet(torch.cat(fit), check)
 
 
-@torch.no_grad()
-def mean_nll(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
-    """Mean next-token negative log-likelihood over ``windows``."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        ids = windows[i : i + batch].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return total / count
+def mean_nll(model: nn.Module, windows: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood over ``windows`` (each scored on its own)."""
+    return perplexity(model, windows.flatten(), seq_len=windows.shape[1], show_progress=False).nll
 
 
 @dataclass

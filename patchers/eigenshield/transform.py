@@ -41,6 +41,7 @@ surface, would bypass it) and would untie a tied ``lm_head``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,16 @@ class ShieldSubspace:
         """The projector of ``mode``: onto the causal candidates (``keep``) or away from the rest (``drop``)."""
         vectors = self.spectrum.eigenvectors[:, self.causal if mode == "keep" else self.correlational]
         return projection_from_basis(self.mean, self.scale, vectors, mode, hook, start)
+
+    def at(self, quantile: float) -> ShieldSubspace:
+        """The same fit split at another quantile of the scores (no new eigendecomposition)."""
+        threshold = float(torch.quantile(self.scores, quantile))
+        return dataclasses.replace(
+            self,
+            threshold=threshold,
+            causal=self.candidates[self.scores <= threshold],
+            correlational=self.candidates[self.scores > threshold],
+        )
 
     def details(self) -> dict[str, Any]:
         s = self.spectrum
@@ -156,17 +167,8 @@ def fit_subspace(stats: SiteStats, config: EigenShield, quantile: float | None =
     if candidates.numel() == 0:
         raise UsageError(f"no {config.candidates} outside the Marchenko-Pastur bulk at this site: nothing to project")
     scores = robustness_scores(stats, spectrum, scale, config.score, candidates)
-    threshold = float(torch.quantile(scores, quantile))
-    return ShieldSubspace(
-        mean,
-        scale,
-        spectrum,
-        candidates,
-        scores,
-        threshold,
-        candidates[scores <= threshold],
-        candidates[scores > threshold],
-    )
+    empty = candidates[:0]
+    return ShieldSubspace(mean, scale, spectrum, candidates, scores, float("nan"), empty, empty).at(quantile)
 
 
 def shield_stats(
@@ -215,9 +217,10 @@ def apply_eigenshield(model: nn.Module, config: EigenShield, context: PatchConte
     stats = all_stats[config.site]
     ref = next(model.parameters())
 
+    fitted = fit_subspace(stats, config)
+
     def projection_at(quantile: float) -> HiddenProjection:
-        sub = fit_subspace(stats, config, quantile)
-        return sub.projection(config.mode, hook, config.start).to(device=ref.device, dtype=ref.dtype)
+        return fitted.at(quantile).projection(config.mode, hook, config.start).to(device=ref.device, dtype=ref.dtype)
 
     chosen: dict[str, Any] = {"quantile": config.quantile}
     if config.quantile is None:
@@ -229,9 +232,9 @@ def apply_eigenshield(model: nn.Module, config: EigenShield, context: PatchConte
                 f"every calibration text; using {choice.quantile} (worst cost {chosen['worst_check_cost']:+.1%})",
                 stacklevel=2,
             )
-    subspace = fit_subspace(stats, config, chosen["quantile"])
-    projection = subspace.projection(config.mode, hook, config.start)
-    attach(layers[index], projection.to(device=ref.device, dtype=ref.dtype))
+    subspace = fitted.at(chosen["quantile"])
+    projection = projection_at(chosen["quantile"])
+    attach(layers[index], projection)
     texts = list(windows.check)
     return TransformResult(
         {**subspace.details(), **chosen, "calib_texts": texts, "rank": projection.rank, "layer": index, "hook": hook}
