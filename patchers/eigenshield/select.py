@@ -46,7 +46,8 @@ def calibration_set(tokenizer: object, config: EigenShield, run_text: str | None
         n = per_text + config.check_windows
         windows = calibration_windows(tokenizer, text, n, config.calib_seq_len, config.seed)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))
-        held = min(config.check_windows, len(windows) - 1)  # a text of one window is all fit
+        # a text of a single window has nothing to hold out: it is fitted on and checked on that one
+        held = min(config.check_windows, len(windows) - 1)
         fit.append(windows[order[held:]])
         check[name] = windows[order[:held]] if held else windows[order[:1]]
     return CalibrationSet(torch.cat(fit), check)
