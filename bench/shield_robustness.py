@@ -51,6 +51,7 @@ from torch import nn
 
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.format.interventions import HiddenProjection, attach, decoder_layers, detach
+from eigenpatch.format.snap import snap_rows
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers.eigenshield.config import DEFAULT_CALIB, EigenShield
 from eigenpatch.patchers.eigenshield.select import calibration_set, choose_quantile
@@ -128,18 +129,17 @@ class Attack:
 
 
 class Snap:
-    """Input embeddings replaced by their nearest vocabulary rows (a token-only threat model).
+    """Input embeddings replaced by their nearest vocabulary rows (``patch-model --snap``'s search,
+    :func:`eigenpatch.format.snap.snap_rows`; a token-only threat model).
 
     Prompt and target embeddings are rows already, so only the suffix is snapped (the same map)."""
 
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table.detach()
-        self.sq = self.table.float().square().sum(1)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        scores = 2 * x.float() @ self.table.float().T - self.sq  # argmax = nearest row
-        return self.table[scores.argmax(-1)].to(x.dtype)
+        return snap_rows(x.reshape(-1, x.shape[-1]), self.table, 1.0).view_as(x)
 
     def nearest_other(self, ids: torch.Tensor) -> torch.Tensor:
         """Distance from each row ``ids`` to its nearest other row: snapping undoes any perturbation

@@ -11,7 +11,7 @@
     model = eigenpatch.load("out/")
 
 The transform configs (``LowRank``, ``SVD``, ``Heal``, ``StructuredFFN``, ``EigenShield``,
-``Steer``) are re-exported from ``eigenpatch.patchers`` on first access: the transforms import
+``Steer``, ``Snap``) are re-exported from ``eigenpatch.patchers`` on first access: the transforms import
 the core, so the core does not import them while it is being imported.
 """
 
@@ -25,7 +25,7 @@ from eigenpatch.recipe import TransformConfig, config_from_dict, patch, recipe_o
 
 register_with_transformers()
 
-_CONFIGS = ("SVD", "EigenShield", "Heal", "LowRank", "Steer", "StructuredFFN")
+_CONFIGS = ("SVD", "EigenShield", "Heal", "LowRank", "Snap", "Steer", "StructuredFFN")
 
 
 def __getattr__(name: str) -> Any:
@@ -43,6 +43,7 @@ __all__ = [
     "EigenpatchConfig",
     "Heal",
     "LowRank",
+    "Snap",
     "LowRankLinear",
     "Steer",
     "StructuredFFN",

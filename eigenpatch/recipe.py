@@ -47,6 +47,10 @@ class TransformConfig:
     #: recipe can run on a model too big for memory (:mod:`eigenpatch.lazy`). A property where it
     #: depends on the config's fields.
     streams: ClassVar[bool] = False
+    #: The patched model gives the same outputs for token ids: only embeddings passed in directly
+    #: change (a defence against embedding-space attacks). The contract test then looks for the
+    #: patch's effect on embeddings.
+    identity_on_tokens: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

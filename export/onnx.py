@@ -9,6 +9,10 @@ nothing custom in the graph, so any ONNX runtime runs it.
 Verification is part of export (a mismatch is an error, not a warning): logits must match PyTorch within
 ``LOGITS_ATOL`` on fixed prompts, and greedy decoding through the KV cache must produce the
 same tokens as ``transformers.generate`` for ``GREEDY_STEPS`` steps; otherwise export fails.
+
+The graph takes token ids, never embeddings, so interventions that only act on embeddings passed in
+directly (``snap``, :data:`eigenpatch.format.TOKEN_IDENTITY_KINDS`) are identities in it and are
+left out; the parity check runs PyTorch with them, so it proves that too.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from eigenpatch.export.precision import (
 )
 from eigenpatch.export.runtime import META_FILE, MODEL_FILE, OnnxCausalLM
 from eigenpatch.export.tensorrt import TensorRTFailed, build_engine, tensorrt_unavailable
+from eigenpatch.format.interventions import token_identities_removed
 from eigenpatch.format.structured import structured_form
 
 #: fp32 parity bound on logits (issue: <= 1e-3; ~1e-4 is typical for a 135M model).
@@ -110,7 +115,9 @@ def trace(
         "past": tuple({0: dyn, 2: dyn} for _ in past_names),
     }
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its per-step chatter is not for users
-    with torch.no_grad(), structured_form(model):  # structured layers export their small form
+    # structured layers export their small form; token-identity interventions (snap) are left out:
+    # the graph's input is token ids, which they return unchanged
+    with torch.no_grad(), structured_form(model), token_identities_removed(model):
         program = torch.onnx.export(
             KVCacheDecoder(model).eval(),
             example,

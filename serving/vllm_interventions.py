@@ -12,6 +12,10 @@ sum (the add is fused into the next RMSNorm). The projection acts on that sum an
 the change back into ``hidden``: ``hidden += proj(s) - s``, so the fused add of the next layer
 sees exactly ``proj(s)``. Hidden states are replicated across tensor-parallel ranks, so every
 rank applies the same full projection; a layer missing on this pipeline stage is skipped.
+
+``snap`` (nearest vocabulary row of each input embedding) only matters when the server accepts
+``prompt_embeds`` (``--enable-prompt-embeds``): token ids are rows already. Without that flag it
+is switched off (no cost); with it, it needs the whole embedding table on one rank (TP 1).
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigenpatch.format.interventions import HiddenProjection, HiddenShift, Intervention, build_interventions
+from eigenpatch.format.interventions import (
+    HiddenProjection,
+    HiddenShift,
+    Intervention,
+    TokenSnap,
+    build_interventions,
+    input_embedding,
+)
 
 
 class VllmHooks(Intervention):
@@ -50,7 +61,32 @@ class VllmHiddenShift(VllmHooks, HiddenShift):
         return self._late(hidden, hidden + self.vector, positions)  # a shift of the sum is a shift of either part
 
 
-VLLM_CLASSES: dict[str, type[Intervention]] = {c.kind: c for c in (VllmHiddenProjection, VllmHiddenShift)}
+class VllmTokenSnap(VllmHooks, TokenSnap):
+    def bind(self, model: nn.Module) -> None:
+        """At TP > 1 each rank holds a slice of the table: bound anyway, refused only if switched on."""
+        self._embedding[:] = [input_embedding(model)]
+
+    def _on_stream(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: Any) -> torch.Tensor:
+        if residual is None:  # layer 0: ``hidden`` is the embeddings, replaced outright (exact rows)
+            return self(hidden, positions)
+        return super()._on_stream(hidden, residual, positions)
+
+
+VLLM_CLASSES: dict[str, type[Intervention]] = {
+    c.kind: c for c in (VllmHiddenProjection, VllmHiddenShift, VllmTokenSnap)
+}
+
+
+def configure_snaps(model: nn.Module, prompt_embeds: bool, tensor_parallel: int) -> None:
+    """Switch ``snap`` off where no caller can send embeddings; refuse it where the table is split."""
+    for module in model.modules():
+        if isinstance(module, TokenSnap):
+            module.active = prompt_embeds
+            if prompt_embeds and tensor_parallel > 1:
+                raise ValueError(
+                    "snap (nearest vocabulary row of each prompt embedding) needs the whole embedding table on "
+                    f"one rank: serve with --enable-prompt-embeds at --tensor-parallel-size 1 (got {tensor_parallel})"
+                )
 
 
 def install() -> None:
@@ -72,6 +108,8 @@ def install() -> None:
         model = original(self, vllm_config, model_config, prefix=prefix)
         if isinstance(quant, EigenpatchVllmConfig) and quant.interventions:
             build_interventions(model, quant.interventions, VLLM_CLASSES)
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            configure_snaps(model, bool(getattr(model_config, "enable_prompt_embeds", False)), tp)
         attach_request_steering(model, vllm_config)  # per-request vectors of `serve --steer`, if any
         return model
 

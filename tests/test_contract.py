@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from vllm_server import IN_PROCESS_WORKER, Server, hf_greedy_logprobs, served_logprobs, served_tokens, tiny_config
 
 import eigenpatch
+from eigenpatch.format.interventions import token_identities_removed
 from eigenpatch.recipe import config_from_dict, recipe_of, registered
 
 TRANSFORMS = sorted(registered())
@@ -66,10 +67,16 @@ def _stacks() -> list[tuple[str, ...]]:
     return [tuple(members) for members, _, _ in stacks]
 
 
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+def _logits(model: torch.nn.Module, embeds: bool = False) -> torch.Tensor:
+    """Logits on fixed random token ids, or (``embeds``) on their embeddings plus small noise."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (2, 12), generator=g)
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        if not embeds:
+            return model(input_ids=ids).logits
+        rows = model.get_input_embeddings().weight[ids]
+        noise = torch.randn(rows.shape, generator=g) * 0.05 * rows.norm(dim=-1).mean() / rows.shape[-1] ** 0.5
+        return model(inputs_embeds=rows + noise).logits
 
 
 @pytest.fixture(scope="module", params=TRANSFORMS)
@@ -98,10 +105,14 @@ def test_config_round_trips_and_the_saved_recipe_replays(patched):
 
 
 def test_saved_checkpoint_loads_with_identical_logits(patched):
-    _, model, plain, out = patched
-    expected = _logits(model)
-    assert (expected - _logits(plain)).abs().max() > 1e-4  # the transform did something
-    assert (_logits(eigenpatch.load(out)) - expected).abs().max() <= 1e-5
+    recipe, model, plain, out = patched
+    embeds = recipe[-1].identity_on_tokens  # its effect shows only on embeddings passed in
+    expected = _logits(model, embeds)
+    assert (expected - _logits(plain, embeds)).abs().max() > 1e-4  # the transform did something
+    loaded = eigenpatch.load(out)
+    assert (_logits(loaded, embeds) - expected).abs().max() <= 1e-5
+    if embeds:
+        assert (_logits(model) - _logits(plain)).abs().max() <= 1e-6  # and token ids pass unchanged
 
 
 def test_every_transform_is_in_a_stack():
@@ -123,26 +134,45 @@ def stacked(request, tmp_path_factory, tiny_tokenizer):
     eigenpatch.patch(model, recipe, tokenizer=tiny_tokenizer, calib_text=calib, show_progress=False)
     out = eigenpatch.save(model.eval(), workdir / ("tiny-" + "-".join(request.param)), tokenizer=tiny_tokenizer)
     assert [c.name for c in recipe_of(out)] == [c.name for c in recipe]
-    return out, plain
+    return out, plain, any(c.identity_on_tokens for c in recipe)
 
 
 def test_onnx_export_matches_pytorch(stacked, tiny_tokenizer, tmp_path):
-    out, plain = stacked
+    out, plain, _ = stacked
     assert_onnx_parity_and_effect(out, tiny_tokenizer, tmp_path / "onnx", plain)
 
 
 def test_vllm_serves_transformers_greedy_tokens(stacked, tiny_tokenizer):
     pytest.importorskip("vllm", reason="serving checks need the serve-cpu extra")
-    out, _ = stacked
+    out, _, on_embeds = stacked
+    reloaded = eigenpatch.load(out).eval()
     # Eager: this checks the format and the linear methods, not vLLM's compiler (test_serving does).
-    server = Server(Path(out), "--max-model-len", "256", "--dtype", "float32", "--enforce-eager", env=IN_PROCESS_WORKER)
+    args = ("--max-model-len", "256", "--dtype", "float32", "--enforce-eager")
+    server = Server(Path(out), *args, *(("--enable-prompt-embeds",) if on_embeds else ()), env=IN_PROCESS_WORKER)
     try:
         replies = {prompt: server.complete(prompt, max_tokens=16) for prompt in PROMPTS}
+        if on_embeds:  # a transform acting on embeddings sent in: vLLM must apply it to prompt_embeds too
+            embedded = {prompt: _perturbed_embeddings(reloaded, tiny_tokenizer, prompt) for prompt in PROMPTS}
+            by_embeds = {prompt: server.complete_embeds(e, max_tokens=16) for prompt, e in embedded.items()}
     finally:
         server.stop()
-    reloaded = eigenpatch.load(out).eval()
     for prompt, reply in replies.items():
         ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
         tokens, logprobs = hf_greedy_logprobs(reloaded, ids, 16)
         assert served_tokens(reply) == tokens, prompt
         assert served_logprobs(reply) == pytest.approx(logprobs, abs=1e-3), prompt
+        if on_embeds:
+            with torch.no_grad():
+                expected = reloaded.generate(inputs_embeds=embedded[prompt][None], max_new_tokens=16, do_sample=False)
+                with token_identities_removed(reloaded):  # what a server that ignored it would give
+                    bare = reloaded.generate(inputs_embeds=embedded[prompt][None], max_new_tokens=16, do_sample=False)
+            assert served_tokens(by_embeds[prompt]) == expected[0].tolist(), prompt
+            assert bare[0].tolist() != expected[0].tolist(), "the perturbation is too small to show the transform"
+
+
+def _perturbed_embeddings(model: torch.nn.Module, tokenizer, prompt: str) -> torch.Tensor:
+    """The prompt's token embeddings, each pushed by 0.2 x the mean row norm in a random direction."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    rows = model.get_input_embeddings().weight.detach()[ids]
+    noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(3))
+    return rows + 0.2 * rows.norm(dim=-1).mean() * noise / noise.norm(dim=-1, keepdim=True)

@@ -3,7 +3,7 @@
 ``tests/fixtures/format_v1/`` holds one tiny checkpoint per kind (low-rank, both structured
 layouts, shield projection, steering shift) written by commit 26f136d, the last commit before the
 one-room-per-transform layout, with ``make_fixtures.py`` beside them, plus the logits that code
-computed. A layout change that renames a tensor, a layer kind or an intervention breaks this.
+computed; ``snap``, added later, by the commit that added it. A layout change that renames a tensor, a layer kind or an intervention breaks this.
 """
 
 from pathlib import Path
@@ -20,7 +20,7 @@ KINDS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file
 
 
 def test_every_kind_has_a_fixture():
-    assert KINDS == ["lowrank", "shield", "steer", "structured_blockshuffle", "structured_lowrank"]
+    assert KINDS == ["lowrank", "shield", "snap", "steer", "structured_blockshuffle", "structured_lowrank"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -34,6 +34,10 @@ def test_old_checkpoint_loads_with_identical_logits(kind):
         with torch.no_grad():
             outputs.append(model.eval()(input_ids=expected["input_ids"]).logits)
         torch.testing.assert_close(outputs[-1], expected["logits"], rtol=1e-5, atol=1e-5, msg=kind)
+        if "inputs_embeds" in expected:  # a kind that acts on embeddings passed in (snap)
+            with torch.no_grad():
+                logits = model(inputs_embeds=expected["inputs_embeds"]).logits
+            torch.testing.assert_close(logits, expected["logits_embeds"], rtol=1e-5, atol=1e-5, msg=kind)
     assert torch.equal(outputs[0], outputs[1]), kind
 
 

@@ -5,6 +5,8 @@ Shared by the serving tests and the registry's contract test (``test_contract.py
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -92,6 +94,14 @@ class Server:
     def complete(self, prompt: str | list[int], max_tokens: int = 16) -> dict:
         payload = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         return post(f"{self.url}/v1/completions", {**payload, "logprobs": 1, "return_tokens_as_token_ids": True})
+
+    def complete_embeds(self, embeds: torch.Tensor, max_tokens: int = 16) -> dict:
+        """A completion of ``prompt_embeds`` ``[tokens, hidden]`` (the server needs ``--enable-prompt-embeds``)."""
+        buffer = io.BytesIO()
+        torch.save(embeds.contiguous(), buffer)
+        payload = {"model": self.name, "prompt_embeds": base64.b64encode(buffer.getvalue()).decode()}
+        payload |= {"max_tokens": max_tokens, "temperature": 0.0, "logprobs": 1, "return_tokens_as_token_ids": True}
+        return post(f"{self.url}/v1/completions", payload)
 
     def stop(self) -> None:
         if self.process.poll() is None:

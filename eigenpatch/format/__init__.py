@@ -46,7 +46,11 @@ LAYER_KINDS = (LOWRANK, *STRUCTURED_KINDS)
 # -- intervention kinds (``quantization_config.interventions[name]["kind"]``) --------------------
 PROJECT = "project"
 SHIFT = "shift"
-INTERVENTION_KINDS = (PROJECT, SHIFT)
+SNAP = "snap"
+INTERVENTION_KINDS = (PROJECT, SHIFT, SNAP)
+#: Kinds that leave token-id inputs unchanged: they act only on embeddings passed in directly
+#: (``inputs_embeds``, vLLM's ``prompt_embeds``). A graph whose input is token ids (ONNX) omits them.
+TOKEN_IDENTITY_KINDS = (SNAP,)
 #: Hook points of an intervention on its decoder layer: on what enters it, or on what it returns.
 HOOKS = ("pre", "post")
 
@@ -59,6 +63,7 @@ TENSORS: dict[str, tuple[str, ...]] = {
     BLOCKSHUFFLE: ("shuffle_in", "shuffle_out"),
     PROJECT: ("center", "basis_in", "basis_out"),
     SHIFT: ("vector",),
+    SNAP: (),  # reads the model's own embedding table
 }
 
 # -- the steering-vector file (:mod:`eigenpatch.format.steering`) --------------------------------

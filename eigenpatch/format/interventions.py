@@ -10,6 +10,9 @@ attached to a decoder layer, applied by a hook:
   ``inputs_embeds``, which is exactly what an embedding-space attacker controls);
 - ``hook = "post"``: on the hidden states the layer returns (``project_out`` / ``steer_out``).
 
+One kind stores no tensor: ``snap`` (``model.layers.0.snap_in``) replaces each input embedding by
+the nearest row of the model's own embedding table, which it finds when bound to the model.
+
 The module is an attribute of the decoder layer, so its tensors are saved under the layer's name
 (``model.layers.5.project_out.basis_in``, ``model.layers.12.steer_out.vector``) and
 ``config.json["quantization_config"]["interventions"]`` lists what to rebuild before weights load
@@ -19,13 +22,16 @@ carries them to the copy.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eigenpatch.format import HOOKS, PROJECT, SHIFT
+from eigenpatch.format import HOOKS, PROJECT, SHIFT, SNAP, TOKEN_IDENTITY_KINDS
+from eigenpatch.format.snap import snap_rows
 
 PROJECT_MODES = ("keep", "drop")
 
@@ -40,6 +46,8 @@ class Intervention(nn.Module):
 
     kind: str = ""
     prefix: str = ""
+    #: Run before the other hooks at its hook point (whatever order the recipe attached them in).
+    first: ClassVar[bool] = False
 
     def __init__(self, dim: int, hook: str = "post", start: int = 0) -> None:
         super().__init__()
@@ -59,6 +67,10 @@ class Intervention(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "hook": self.hook, "dim": self.dim, "start": self.start}
+
+    def bind(self, model: nn.Module) -> None:
+        """Called once attached, with the whole model (before its weights load): a kind that reads
+        another part of the model finds it here. The others need nothing."""
 
     def _late(self, h: torch.Tensor, out: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """``out`` where ``position >= start``, ``h`` before (no-op for the default start 0)."""
@@ -188,8 +200,91 @@ class HiddenShift(Intervention):
         return f"dim={self.dim}, hook={self.hook}, start={self.start}"
 
 
+class TokenSnap(Intervention):
+    """Each input embedding replaced by the nearest row of the model's embedding table (``scale`` x
+    the rows, for models that scale their embeddings): any vector a caller sends becomes a token.
+
+    On layer 0's input only (``hook = "pre"``). Parameter-free: :meth:`bind` finds the model's input
+    embedding and the search reads its table at every call (no copy to go stale). Token-id inputs
+    are rows already, so they pass unchanged; an ONNX graph, whose input is token ids, omits it.
+    Cost: one ``[tokens, vocab]`` GEMM per forward, about the ``lm_head``'s
+    (:mod:`eigenpatch.format.snap`).
+    """
+
+    kind = SNAP
+    prefix = "snap"
+    first = True
+
+    def __init__(
+        self,
+        dim: int,
+        vocab: int,
+        scale: float = 1.0,
+        hook: str = "pre",
+        start: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, hook, start)
+        if hook != "pre":
+            raise ValueError("snap acts on the input embeddings: hook must be 'pre' (on layer 0)")
+        if vocab < 1 or not scale > 0:
+            raise ValueError(f"snap needs vocab >= 1 and scale > 0, got {vocab} and {scale}")
+        self.vocab, self.scale = vocab, float(scale)
+        self.active = True
+        self._embedding: list[nn.Module] = []  # a plain list: the table is the model's, not a submodule
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], **kw: Any) -> TokenSnap:
+        return cls(spec["dim"], spec["vocab"], scale=spec["scale"], hook=spec["hook"], start=spec["start"])
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "vocab": self.vocab, "scale": self.scale}
+
+    def bind(self, model: nn.Module) -> None:
+        embedding = input_embedding(model)
+        rows, dim = embedding.weight.shape
+        if dim != self.dim or rows < self.vocab:
+            raise ValueError(
+                f"snap expects a [{self.vocab}, {self.dim}] embedding table, the model has [{rows}, {dim}]"
+            )
+        self._embedding[:] = [embedding]
+
+    def table(self) -> torch.Tensor:
+        """The first ``vocab`` rows of the bound table (a runtime may pad it)."""
+        if not self._embedding:
+            raise RuntimeError("snap is not bound to a model: call bind(model) after attaching it")
+        return self._embedding[0].weight[: self.vocab]
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.active:
+            return h
+        out = snap_rows(h.reshape(-1, self.dim), self.table(), self.scale).reshape(h.shape)
+        return self._late(h, out, positions)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, vocab={self.vocab}, scale={self.scale:g}, start={self.start}"
+
+
+def input_embedding(model: nn.Module) -> nn.Module:
+    """The token-embedding module of a causal LM (transformers' ``get_input_embeddings``, or the
+    ``embed_tokens`` of runtimes without it, such as vLLM)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            found = getter()
+        except (TypeError, NotImplementedError):
+            found = None
+        if isinstance(found, nn.Module) and isinstance(getattr(found, "weight", None), torch.Tensor):
+            return found
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "embed_tokens" and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return module
+    raise ValueError(f"{type(model).__name__} has no token embedding to snap to")
+
+
 #: The module class of each intervention kind.
-INTERVENTION_CLASSES: dict[str, type[Intervention]] = {c.kind: c for c in (HiddenProjection, HiddenShift)}
+INTERVENTION_CLASSES: dict[str, type[Intervention]] = {c.kind: c for c in (HiddenProjection, HiddenShift, TokenSnap)}
 
 
 def attribute_name(prefix: str, hook: str) -> str:
@@ -210,9 +305,9 @@ def attach(layer: nn.Module, module: Intervention) -> None:
     detach(layer, module.hook, module.kind)
     setattr(layer, module.attribute, module)
     if module.hook == "pre":
-        module._handle = layer.register_forward_pre_hook(module.pre_hook, with_kwargs=True)
+        module._handle = layer.register_forward_pre_hook(module.pre_hook, with_kwargs=True, prepend=module.first)
     else:
-        module._handle = layer.register_forward_hook(module.post_hook, with_kwargs=True)
+        module._handle = layer.register_forward_hook(module.post_hook, with_kwargs=True, prepend=module.first)
 
 
 def detach(layer: nn.Module, hook: str, kind: str = HiddenProjection.kind) -> Intervention | None:
@@ -262,6 +357,24 @@ def build_interventions(
         ref = next(layer.parameters(), None)
         if ref is None:
             continue
-        attach(layer, classes[kind].from_spec(spec, device=ref.device, dtype=ref.dtype))
+        module = classes[kind].from_spec(spec, device=ref.device, dtype=ref.dtype)
+        attach(layer, module)
+        module.bind(model)
         done += 1
     return done
+
+
+@contextlib.contextmanager
+def token_identities_removed(model: nn.Module) -> Iterator[list[str]]:
+    """Detach the interventions that leave token ids unchanged (:data:`TOKEN_IDENTITY_KINDS`) for
+    the duration (a graph traced on token ids need not compute them); yields their names."""
+    removed = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Intervention) and module.kind in TOKEN_IDENTITY_KINDS:
+            layer = model.get_submodule(name.rpartition(".")[0])
+            removed.append((name, layer, detach(layer, module.hook, module.kind)))
+    try:
+        yield [name for name, _, _ in removed]
+    finally:
+        for _, layer, module in removed:
+            attach(layer, module)
