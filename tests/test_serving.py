@@ -7,9 +7,11 @@ Each server costs about a minute on two cores, so one checkpoint carries as many
 - ``stack``: one Qwen2 (q/k/v biases) holding every kind a decoder layer can carry at once:
   factor pairs in *mixed* fused layers (q, v, o and up factorized; k, gate and down dense, so
   qkv_proj, with its biases, and gate_up_proj hold low-rank and dense shards), an EigenShield
-  projection after layer 0 and a static steering shift (TP 1 compiled, TP 2 eager with a single
-  KV head replicated on both ranks). Its tokens must equal transformers', and each intervention
-  must change transformers' tokens, so a server that skipped one would disagree;
+  projection after layer 0, snap on layer 0's input and a static steering shift (TP 1 compiled
+  with prompt embeddings, TP 2 eager with a single KV head replicated on both ranks). Its tokens
+  must equal transformers', and each intervention must change transformers' tokens, so a server
+  that skipped one would disagree; at TP 1 perturbed prompt embeddings must decode like the clean
+  prompt (snap, through vLLM's compiled graph);
 - both answer 32 concurrent requests with the tokens each gets alone (batch invariance);
 - one server each for the block-structured FFNs, and for ``patch-model``'s layer-by-layer output
   (one shard per decoder layer + index).
@@ -218,11 +220,12 @@ def test_per_request_steering_over_http(plain, plain_server):
 
 # -- stack: mixed fused shards + a projection + a shift, on one checkpoint ---------------------
 def _stack_recipe(vec: Path) -> dict[str, TransformConfig]:
-    from eigenpatch.patchers import SVD, EigenShield, Steer
+    from eigenpatch.patchers import SVD, EigenShield, Snap, Steer
 
     return {
         "svd": SVD(ratio=0.5, targets=MIXED_TARGETS),
         "eigenshield": EigenShield(site="layer:0", mode="keep", calib_windows=16, calib_seq_len=64, chunks=4),
+        "snap": Snap(),
         "steer": Steer(vectors=str(vec), strength=0.5, start=2),
     }
 
@@ -258,7 +261,8 @@ def stack(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def stack_server(request, stack):
-    server = _server(stack[0], request.param)
+    server = _server(stack[0], request.param, *(("--enable-prompt-embeds",) if request.param == 1 else ()))
+    server.tp = request.param
     yield server
     server.stop()
 
@@ -267,8 +271,16 @@ def test_stacked_checkpoint_serves_transformers_tokens_and_every_piece_matters(s
     out, without = stack
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {name.rsplit(".", 1)[-1] for name in config["layers"]} == set(MIXED_TARGETS)  # mixed shards
-    assert [r["transform"] for r in config["recipe"]] == ["svd", "eigenshield", "steer"]
+    assert [r["transform"] for r in config["recipe"]] == ["svd", "eigenshield", "snap", "steer"]
     tokens = _assert_serves_like_transformers(stack_server, out, tiny_tokenizer)
+    if stack_server.tp == 1:  # prompt embeddings, each token pushed 0.2 x the mean row norm: snapped back
+        model = eigenpatch.load(out).eval()
+        for prompt, expected in tokens.items():
+            ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            rows = model.get_input_embeddings().weight.detach()[ids]
+            noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(3))
+            pushed = rows + 0.2 * rows.norm(dim=-1).mean() * noise / noise.norm(dim=-1, keepdim=True)
+            assert served_tokens(stack_server.complete_embeds(pushed)) == expected, prompt
     assert len({t for seq in tokens.values() for t in seq}) >= 8  # not one repeated token: parity means something
     for name, theirs in without.items():  # a server that skipped this piece would have given these
         assert theirs != tokens, f"{name} does not change the greedy tokens: the test could not see it skipped"
