@@ -106,8 +106,9 @@ class Attack:
     def success(self, delta: torch.Tensor) -> torch.Tensor:
         return self._forward(delta)[1]
 
-    def run(self, radius: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (final delta, broken per pair). ``radius``: L2 per suffix token.
+    def run(self, radius: float, steps: int, constrain: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (final delta, broken per pair). ``radius``: L2 per suffix token; ``constrain``
+        maps each step's delta into the attacker's allowed set (e.g. off a detector's subspace).
 
         A pair counts as broken if the target was forced at any step (the attacker can check);
         the returned delta is the last one, optimized the longest (the most confident suffix,
@@ -124,6 +125,8 @@ class Attack:
             if step == steps:
                 return leaf.detach(), broken
             delta = leaf.detach() - step_size * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            if constrain is not None:
+                delta = constrain(delta)
             delta = delta * (radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
         raise AssertionError("unreachable")
 
