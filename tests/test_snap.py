@@ -45,6 +45,28 @@ def test_every_row_finds_itself_in_a_real_table(smollm2_table, dtype):
     assert torch.equal(snap_rows(table[ids], table, 1.0), table[ids])
 
 
+def test_a_cluster_wider_than_the_candidates_is_searched_exactly(monkeypatch):
+    """150 near-identical rows tie in bf16 scores beyond the 64 candidates: only the exact search
+    over the whole table finds each row itself."""
+    import eigenpatch.format.snap as snap
+
+    g = torch.Generator().manual_seed(0)
+    cluster = torch.randn(32, generator=g) + 0.05 * torch.randn(150, 32, generator=g)
+    table = torch.cat([cluster, torch.randn(500, 32, generator=g)]).bfloat16()
+    exact = []
+    monkeypatch.setattr(
+        snap,
+        "_exact_nearest",
+        lambda x, t, s: (
+            exact.append(len(x))
+            or snap.torch.cdist(x.float(), t.float() * s, compute_mode="donot_use_mm_for_euclid_dist").argmin(-1)
+        ),
+    )
+    found = nearest_rows(table[:150], table)
+    assert bool((table[found] == table[:150]).all())
+    assert sum(exact) > 0  # the fallback ran
+
+
 def test_perturbations_below_half_the_gap_snap_back_and_larger_ones_need_not():
     g = torch.Generator().manual_seed(0)
     table = torch.randn(700, 32, generator=g)
