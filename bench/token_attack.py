@@ -157,8 +157,9 @@ def main() -> None:
     table = model.get_input_embeddings().weight.float()
     moved = (table[final] - table[init]).norm(dim=-1) / unit  # per suffix token
     changed = (final != init).float().sum(1)
-    by_step = {s: float(((broken_at >= 0) & (broken_at <= s)).float().mean()) for s in (10, 25, 50, args.steps)}
-    rows = [[f"{s}", f"{asr:.2f}"] for s, asr in by_step.items() if s <= args.steps]
+    marks = sorted({s for s in (10, 25, 50) if s < args.steps} | {args.steps})
+    by_step = {s: float(((broken_at >= 0) & (broken_at <= s)).float().mean()) for s in marks}
+    rows = [[f"{s}", f"{asr:.2f}"] for s, asr in by_step.items()]
     print(format_table(["GCG steps", "success rate (snapped model)"], rows))
     if bool(broken.any()):
         print(
