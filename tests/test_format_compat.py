@@ -3,7 +3,8 @@
 ``tests/fixtures/format_v1/`` holds one tiny checkpoint per kind (low-rank, both structured
 layouts, shield projection, steering shift) written by commit 26f136d, the last commit before the
 one-room-per-transform layout, with ``make_fixtures.py`` beside them, plus the logits that code
-computed; ``snap``, added later, by the commit that added it. A layout change that renames a tensor, a layer kind or an intervention breaks this.
+computed; ``snap``, added later, by the commit that added it. A layout change that renames a
+tensor, a layer kind or an intervention breaks this.
 """
 
 from pathlib import Path
