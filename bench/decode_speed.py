@@ -165,6 +165,10 @@ class Worker:
 # ---------------------------------------------------------------- vLLM (servers)
 
 
+#: Seconds between one server's measurements and the next server's.
+SETTLE_S = 3.0
+
+
 def measure_vllm(servers: dict[str, Any], work: dict[str, Any]) -> dict[str, dict[str, float]]:
     """One repeat over every server: the same token-id prompts as the in-process runtimes."""
     from serve_throughput import post
@@ -175,6 +179,9 @@ def measure_vllm(servers: dict[str, Any], work: dict[str, Any]) -> dict[str, dic
 
     out = {}
     for label, (url, name, _, _) in servers.items():
+        # vLLM's engine keeps polling for a while after its last request: started at once, the next
+        # server's first phase (the prefill) shared the cores with it and measured 0.2x (docs/benchmarks.md)
+        time.sleep(SETTLE_S)
         row = {}  # the servers run without a prefix cache, so every repeat computes its prefill
         start = time.perf_counter()  # prefill: a one-token completion of the long prompt
         complete(url, name, work["prefill"][0], 1)

@@ -58,7 +58,7 @@ def apply_snap(model: nn.Module, config: Snap, context: PatchContext) -> Transfo
     module.bind(model)
     _, gaps = half_gaps(table.float() * scale, config.sample_rows)
     mean_norm = float(table.float().norm(dim=-1).mean()) * scale
-    levels = gaps.quantile(torch.tensor([0.0, 0.05, 0.5]))
+    levels = gaps.float().cpu().quantile(torch.tensor([0.0, 0.05, 0.5]))
     radius = {k: float(v) / mean_norm for k, v in zip(("min", "p5", "median"), levels, strict=True)}
     return TransformResult(
         {"vocab": vocab, "dim": dim, "scale": scale, "sampled_rows": gaps.numel(), "safe_radius": radius}
