@@ -86,6 +86,13 @@ def smollm2_dir() -> Path:
     return resolve_model("smollm2-135m")
 
 
+def pushed(rows: torch.Tensor, size: float = 0.2, seed: int = 3) -> torch.Tensor:
+    """Embedding rows ``[..., d]``, each moved ``size`` x their mean norm in a random direction: an
+    embedding-space perturbation, for the tests of defences that act on embeddings sent in (snap)."""
+    noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed))
+    return rows + size * rows.norm(dim=-1).mean() * noise / noise.norm(dim=-1, keepdim=True)
+
+
 def copy_folder(src: Path, dst: Path) -> Path:
     """A flat copy of a model / export folder, to damage in a test without touching the original."""
     dst.mkdir(parents=True)

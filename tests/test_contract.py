@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_onnx_parity_and_effect
+from conftest import assert_onnx_parity_and_effect, pushed
 from transformers import AutoModelForCausalLM
 from vllm_server import IN_PROCESS_WORKER, Server, hf_greedy_logprobs, served_logprobs, served_tokens, tiny_config
 
@@ -152,7 +152,8 @@ def test_vllm_serves_transformers_greedy_tokens(stacked, tiny_tokenizer):
     try:
         replies = {prompt: server.complete(prompt, max_tokens=16) for prompt in PROMPTS}
         if on_embeds:  # a transform acting on embeddings sent in: vLLM must apply it to prompt_embeds too
-            embedded = {prompt: _perturbed_embeddings(reloaded, tiny_tokenizer, prompt) for prompt in PROMPTS}
+            table = reloaded.get_input_embeddings().weight.detach()
+            embedded = {p: pushed(table[tiny_tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in PROMPTS}
             by_embeds = {prompt: server.complete_embeds(e, max_tokens=16) for prompt, e in embedded.items()}
     finally:
         server.stop()
@@ -168,11 +169,3 @@ def test_vllm_serves_transformers_greedy_tokens(stacked, tiny_tokenizer):
                     bare = reloaded.generate(inputs_embeds=embedded[prompt][None], max_new_tokens=16, do_sample=False)
             assert served_tokens(by_embeds[prompt]) == expected[0].tolist(), prompt
             assert bare[0].tolist() != expected[0].tolist(), "the perturbation is too small to show the transform"
-
-
-def _perturbed_embeddings(model: torch.nn.Module, tokenizer, prompt: str) -> torch.Tensor:
-    """The prompt's token embeddings, each pushed by 0.2 x the mean row norm in a random direction."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    rows = model.get_input_embeddings().weight.detach()[ids]
-    noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(3))
-    return rows + 0.2 * rows.norm(dim=-1).mean() * noise / noise.norm(dim=-1, keepdim=True)

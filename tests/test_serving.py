@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pushed
 from transformers import AutoModelForCausalLM
 from vllm_server import (
     IN_PROCESS_WORKER,
@@ -278,9 +279,7 @@ def test_stacked_checkpoint_serves_transformers_tokens_and_every_piece_matters(s
         for prompt, expected in tokens.items():
             ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
             rows = model.get_input_embeddings().weight.detach()[ids]
-            noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(3))
-            pushed = rows + 0.2 * rows.norm(dim=-1).mean() * noise / noise.norm(dim=-1, keepdim=True)
-            assert served_tokens(stack_server.complete_embeds(pushed)) == expected, prompt
+            assert served_tokens(stack_server.complete_embeds(pushed(rows))) == expected, prompt
     assert len({t for seq in tokens.values() for t in seq}) >= 8  # not one repeated token: parity means something
     for name, theirs in without.items():  # a server that skipped this piece would have given these
         assert theirs != tokens, f"{name} does not change the greedy tokens: the test could not see it skipped"

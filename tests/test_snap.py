@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, pushed
 
 import eigenpatch
 from eigenpatch.errors import UsageError
@@ -81,9 +81,9 @@ def test_perturbations_below_half_the_gap_snap_back_and_larger_ones_need_not():
 
 
 def _noisy(model: torch.nn.Module, ids: torch.Tensor, size: float) -> torch.Tensor:
-    rows = model.get_input_embeddings()(ids)  # what layer 0 gets for ids (scaled for Gemma)
-    noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(1))
-    return rows + size * rows.norm(dim=-1, keepdim=True) * noise / noise.norm(dim=-1, keepdim=True)
+    """What layer 0 gets for ``ids`` (scaled for Gemma), pushed ``size`` x the mean row norm."""
+    with torch.no_grad():
+        return pushed(model.get_input_embeddings()(ids), size, seed=1)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
