@@ -4,7 +4,8 @@
     python bench/export_speed.py --patched patched/smollm2-135m-loss-fwhiten-c0.5   # reuse a checkpoint
     python bench/export_speed.py --patched ... --formats fp32 int4 --block 32
 
-Formats: ``fp32``; ``int8`` / ``int4`` weight-only (``eigenpatch export --weights``,
+Formats: ``fp32`` (norms fused into ONNX Runtime ops, the default); ``portable`` (fp32, standard
+ONNX ops only: ``eigenpatch export --portable``); ``int8`` / ``int4`` weight-only (``eigenpatch export --weights``,
 ``MatMulNBits`` in blocks of ``--block``); ``dynamic-int8`` (``--dynamic-int8``). Per variant:
 the files' size, load time, prefill and batch-1 decode tokens/s, max |Δlogits| and greedy tokens
 agreeing with PyTorch fp32, and perplexity on the held-out wiki text *run through ONNX Runtime*
@@ -43,8 +44,14 @@ def prompt_tokens(tokenizer: Any, n: int) -> np.ndarray:
     return np.asarray([ids[:n]], dtype=np.int64)
 
 
-#: ``--formats`` name -> ``export_onnx`` precision.
-FORMATS = {"fp32": "float32", "int8": "int8", "int4": "int4", "dynamic-int8": "dynamic-int8"}
+#: ``--formats`` name -> ``export_onnx`` arguments.
+FORMATS: dict[str, dict[str, Any]] = {
+    "fp32": {"precision": "float32"},
+    "portable": {"precision": "float32", "portable": True},
+    "int8": {"precision": "int8"},
+    "int4": {"precision": "int4"},
+    "dynamic-int8": {"precision": "dynamic-int8"},
+}
 
 
 def onnx_perplexity(runner: OnnxCausalLM, ids: list[int], window: int = 512) -> float:
@@ -95,7 +102,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--patched", help="patched checkpoint to use (default: patch --compress 0.5 here)")
     parser.add_argument("--compress", type=float, default=0.5)
-    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=[f for f in FORMATS if f != "portable"])
     parser.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows per scale of int8 / int4 weights")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="wiki:eval tokens scored through ONNX Runtime")
     parser.add_argument("--prefill-tokens", type=int, default=256)
@@ -125,9 +132,9 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="eigenpatch-export-bench-") as tmp:
         folders = {}
-        for name, model, precision in variants:
+        for name, model, options in variants:
             folder = Path(tmp) / name.replace(" ", "-")
-            meta = export_onnx(model, folder, tokenizer=tokenizer, precision=precision, block=args.block)
+            meta = export_onnx(model, folder, tokenizer=tokenizer, block=args.block, **options)
             folders[name] = folder
             parity = meta.get("precision") or meta["parity"]
             rows[name] = {

@@ -3,8 +3,10 @@
 The graph is traced with ``torch.onnx.export(dynamo=True)`` from a wrapper whose inputs are
 plain tensors: ``input_ids``, ``attention_mask``, ``position_ids`` and one ``key`` / ``value``
 per layer for the past; outputs are ``logits`` and the presents. Batch, sequence and past
-length are dynamic (past may be empty for the prefill). A factor pair lowers to two MatMuls:
-nothing custom in the graph, so any ONNX runtime runs it.
+length are dynamic (past may be empty for the prefill). A factor pair lowers to two MatMuls.
+Each RMSNorm (with the residual ``Add`` before it) is then fused into ONNX Runtime's
+``SkipSimplifiedLayerNormalization`` (:mod:`eigenpatch.export.fuse`); ``portable=True`` skips
+that, leaving standard ONNX ops only, for other ONNX runtimes (and TensorRT always gets those).
 
 Verification is part of export (a mismatch is an error, not a warning): logits must match PyTorch within
 ``LOGITS_ATOL`` on fixed prompts, and greedy decoding through the KV cache must produce the
@@ -30,6 +32,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
+from eigenpatch.export.fuse import fuse_norms
 from eigenpatch.export.precision import (
     DEFAULT_BLOCK,
     DEFAULT_WEIGHT_WINDOWS,
@@ -158,6 +161,7 @@ def export_onnx(
     calib_text: str = "wiki",
     quantize_embedding: bool = True,
     dense_bits: int | None = None,
+    portable: bool = False,
 ) -> dict[str, Any]:
     """Write ``model.onnx`` (+ external data), the tokenizer and ``eigenpatch_onnx.json`` to ``output``.
 
@@ -174,6 +178,8 @@ def export_onnx(
     re-traces a half-precision copy (weights, activations and the KV cache in fp16, for GPU
     targets). None can meet the fp32 logits bound, so their parity is *reported* under
     ``meta["precision"]`` (see :mod:`eigenpatch.export.precision`), not enforced.
+
+    ``portable``: standard ONNX ops only (no fused norms); implied by ``tensorrt``.
 
     ``tensorrt``: after all checks, build a TensorRT engine for the final graph (GPU only; see
     :mod:`eigenpatch.export.tensorrt`); refused up front, before any work, where it cannot be built.
@@ -193,6 +199,7 @@ def export_onnx(
     with atomic_output_dir(output, force) as tmp:
         start = time.perf_counter()
         trace(model, tmp / MODEL_FILE, past_names, present_names, opset)
+        fused = {} if portable or tensorrt else fuse_norms(tmp / MODEL_FILE)
         meta: dict[str, Any] = {
             "format": 1,
             "dtype": "float32",
@@ -205,6 +212,7 @@ def export_onnx(
             "outputs": ["logits", *present_names],
             "past_names": past_names,
             "past_shape": ["batch", kv_heads, "past_sequence", head_dim],
+            "fused": fused,  # ONNX Runtime ops the graph's norms became ({} : standard ONNX ops only)
             "export_seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -214,7 +222,7 @@ def export_onnx(
         reduced = precision != "float32"
         reference = pytorch_reference(model, prompts) if verify or reduced else None
         if verify:
-            meta["parity"] = verify_export(tmp, reference)
+            meta["parity"] = verify_export(tmp, reference, fused=bool(fused))
         if reduced:
             fp32_bytes = onnx_bytes(tmp)
             done: dict[str, Any] = {}
@@ -282,12 +290,15 @@ def prompt_ids(tokenizer: Any, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (5, 9, 3, 12, 7)]
 
 
-def verify_export(path: Path, reference: Reference) -> dict[str, Any]:
+def verify_export(path: Path, reference: Reference, fused: bool = False) -> dict[str, Any]:
     """Logits parity and greedy-token identity (through the KV cache) of the ONNX graph vs PyTorch."""
     runner = OnnxCausalLM(path, provider="CPU")
     worst = max_logit_diff(runner, reference)
     if not worst <= LOGITS_ATOL:
-        raise ExportFailed(f"ONNX logits differ from PyTorch by {worst:.3g} (> {LOGITS_ATOL}); the export is wrong")
+        hint = " (its norms are fused: --portable exports them as traced)" if fused else ""
+        raise ExportFailed(
+            f"ONNX logits differ from PyTorch by {worst:.3g} (> {LOGITS_ATOL}){hint}; the export is wrong"
+        )
     matched = 0
     for ids, greedy in zip(reference.prompts, reference.greedy, strict=True):
         got = runner.generate(ids, max_new_tokens=GREEDY_STEPS)

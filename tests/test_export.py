@@ -253,3 +253,92 @@ def test_precisions_are_exclusive(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", str(tmp_path), "--onnx", str(tmp_path / "o"), "--weights", "int4", "--fp16"])
     assert exc.value.code == EXIT_USAGE and "not allowed with" in capsys.readouterr().err
+
+
+def test_norms_fuse_into_onnxruntime_ops(exported):
+    """Every RMSNorm becomes one node: the first one (it reads the embedding) a plain one, each later
+    one fused with the residual Add before it; the export's parity check ran on this graph."""
+    import onnx
+
+    model, out, meta = exported
+    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    norms = 2 * model.config.num_hidden_layers + 1  # two per layer and the final one
+    assert meta["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": norms - 1}
+    assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == norms - 1
+    assert "Pow" not in ops and "Reciprocal" not in ops
+
+
+def test_portable_export_keeps_standard_ops_and_the_same_logits(exported, tmp_path, tiny_tokenizer):
+    import onnx
+
+    model, out, _ = exported
+    meta = export_onnx(model, tmp_path / "portable", tokenizer=tiny_tokenizer, portable=True)
+    graph = onnx.load(str(tmp_path / "portable" / MODEL_FILE), load_external_data=False).graph
+    assert meta["fused"] == {} and all(onnx.defs.has(n.op_type, n.domain) for n in graph.node)
+    ids = np.array([[5, 17, 99, 3, 250, 41]], dtype=np.int64)
+    logits = [
+        r.step(ids, np.ones_like(ids), r.empty_past(1))[0] for r in map(OnnxCausalLM, (out, tmp_path / "portable"))
+    ]
+    assert np.abs(logits[0] - logits[1]).max() < 1e-5
+
+
+def _norm_graph(skip_shape: list[int]) -> tuple[object, dict[str, np.ndarray]]:
+    """``y = RMSNorm(a + b) * w`` as the exporter traces it, with the sum also an output (the residual)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    consts = {"w": rng.standard_normal(8).astype(np.float32), "two": np.array(2.0, np.float32)}
+    consts |= {"axes": np.array([-1]), "eps": np.array(1e-6, np.float32)}
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["h"]),
+        helper.make_node("Pow", ["h", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]),
+        helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Reciprocal", ["rms"], ["inv"]),
+        helper.make_node("Mul", ["h", "inv"], ["normed"]),
+        helper.make_node("Mul", ["w", "normed"], ["y"]),
+    ]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes,
+        "norm",
+        [helper.make_tensor_value_info("a", f32, [2, 3, 8]), helper.make_tensor_value_info("b", f32, skip_shape)],
+        [helper.make_tensor_value_info("y", f32, [2, 3, 8]), helper.make_tensor_value_info("h", f32, [2, 3, 8])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    feeds["b"] = rng.standard_normal(skip_shape).astype(np.float32)
+    return model, feeds | {"w": consts["w"]}
+
+
+@pytest.mark.parametrize(
+    ("skip_shape", "fused_op"), [([2, 3, 8], "SkipSimplifiedLayerNormalization"), ([8], "SimplifiedLayerNormalization")]
+)
+def test_norm_fusion_is_exact_and_never_fuses_a_broadcast_add(skip_shape, fused_op):
+    """A residual Add of two equal-shaped tensors joins the norm; a broadcast one (a bias) stays an Add."""
+    import onnx
+    import onnxruntime as ort
+
+    from eigenpatch.export.fuse import CONTRIB, fuse_graph
+
+    model, feeds = _norm_graph(skip_shape)
+    weight = feeds.pop("w")
+    fused_counts = fuse_graph(model.graph)
+    model.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
+    assert fused_counts[fused_op] == 1 and sum(fused_counts.values()) == 1
+    assert [n.op_type for n in model.graph.node] == ([fused_op] if "Skip" in fused_op else ["Add", fused_op])
+    y, h = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    ref_h = feeds["a"] + feeds["b"]
+    ref_y = weight * ref_h / np.sqrt((ref_h**2).mean(-1, keepdims=True) + 1e-6)
+    assert np.abs(h - ref_h).max() < 1e-6 and np.abs(y - ref_y).max() < 1e-5
+
+
+def test_portable_weight_only_is_one_line_exit_2_before_loading(tmp_path, capsys):
+    args = ["export", str(tmp_path / "missing"), "--onnx", str(tmp_path / "o"), "--weights", "int4", "--portable"]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MatMulNBits" in err and not (tmp_path / "o").exists()
