@@ -180,8 +180,8 @@ class LowRankLinearMethod(LinearMethodBase):
         Measured on the 2-core CPU machine: with plain ``F.linear`` in bf16 the patched SmolLM2
         decoded at 0.70x the dense speed; the packed kernels are what the dense layers use.
         A column layer's first stage is **one** GEMM: its stacked ``down`` factors and the rows of
-        its dense shards, read from one packed matrix (at batch 1 a packed call costs ~9 us, as
-        much as streaming ~0.45 MB). The second stage is one GEMM per latent slice: a
+        its dense shards, read from one packed matrix (at batch 1 a packed call costs 7-9 us, as
+        much as streaming ~0.4 MB). The second stage is one GEMM per latent slice: a
         block-diagonal single GEMM reads zeros and gave no measurable gain in the server, a
         rank-padded batched one was slower (``docs/serving.md``). The loading buffers are then
         released: the packed copies are what runs.
