@@ -44,7 +44,7 @@ def fuse_norms(model_file: Path) -> dict[str, int]:
 
 
 def fuse_graph(graph: Any) -> dict[str, int]:
-    """Fuse every matched RMSNorm in ``graph`` (in place); return how many of each kind."""
+    """Fuse every matched RMSNorm in ``graph`` (in place); return how many of each fused op it made."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(graph.node)  # one wrapper per node, so id() names a node for the whole pass
@@ -137,7 +137,7 @@ def fuse_graph(graph: Any) -> dict[str, int]:
         stale = [t for t in graph.initializer if t.name in dropped]
         for tensor in stale:
             graph.initializer.remove(tensor)
-    return counts
+    return {op: n for op, n in counts.items() if n}
 
 
 def _dims(value_info: Any) -> tuple[Any, ...] | None:

@@ -241,6 +241,8 @@ def export_onnx(
                 (tmp / "fp16").mkdir()
                 trace(half, tmp / "fp16" / MODEL_FILE, past_names, present_names, opset)
                 replace_graph(tmp, tmp / "fp16")
+                # the fp16 trace casts around each norm, which the fusion leaves as traced
+                meta["fused"] = {} if portable or tensorrt else fuse_norms(tmp / MODEL_FILE)
             meta["dtype"] = "float16" if precision == "float16" else "float32"  # of inputs, outputs, KV cache
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # the runner reads the dtype
             meta["precision"] = {

@@ -233,6 +233,7 @@ def test_fp16_export_halves_the_graph_and_keeps_greedy_tokens(tmp_path, tiny_tok
     weights = [t for t in graph.initializer if len(t.dims) == 2]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert {i.type.tensor_type.elem_type for i in graph.input[3:]} == {onnx.TensorProto.FLOAT16}  # KV cache in fp16
+    assert meta["fused"] == {}  # the fp16 graph's norms cast to fp32 and stay as traced
     runner = OnnxCausalLM(tmp_path / "fp16")
     _, past = runner.step(np.array([[1, 2]]), np.ones((1, 2)), runner.empty_past(1))
     assert next(iter(past.values())).dtype == np.float16
