@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from decode_speed import export_fp32, weight_bytes
+from decode_speed import OnnxRunner, export_fp32, weight_bytes
 from results_io import RESULTS, write_result
 
 from eigenpatch.table import fmt_float, format_table
@@ -136,20 +136,13 @@ def matmul_only(folder: Path) -> tuple[Any, dict[str, Any], int, int]:
 
 
 def onnx_step_ms(folder: Path) -> float:
-    """One batch-1 decode step through the KV cache (64 steps after a 128-token prompt)."""
-    import numpy as np
-
-    from eigenpatch.export.runtime import OnnxCausalLM
-
-    runner = OnnxCausalLM(folder, provider="CPU")
-    ids = (np.arange(128) * 37 % 40_000 + 1_000)[None].astype(np.int64)
-    logits, past = runner.step(ids, np.ones_like(ids), runner.empty_past(1))
-    token, n = logits[:, -1:].argmax(-1), 128
+    """One batch-1 decode step through the KV cache (64 steps after a 128-token prompt), with the
+    runner ``bench/decode_speed.py`` measures."""
+    runner = OnnxRunner(folder)
+    token, state = runner.prefill([[1_000 + i * 37 % 40_000 for i in range(128)]])
     start = time.perf_counter()
     for _ in range(STEPS):
-        n += 1
-        logits, past = runner.step(token, np.ones((1, n), np.int64), past)
-        token = logits[:, -1:].argmax(-1)
+        token, state = runner.decode(token, state)
     return (time.perf_counter() - start) / STEPS * 1e3
 
 
