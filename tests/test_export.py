@@ -284,8 +284,9 @@ def test_portable_export_keeps_standard_ops_and_the_same_logits(exported, tmp_pa
     assert np.abs(logits[0] - logits[1]).max() < 1e-5
 
 
-def _norm_graph(skip_shape: list[int]) -> tuple[object, dict[str, np.ndarray]]:
-    """``y = RMSNorm(a + b) * w`` as the exporter traces it, with the sum also an output (the residual)."""
+def _norm_graph(skip_shape: list[int]) -> tuple[object, dict[str, np.ndarray], np.ndarray]:
+    """``y = RMSNorm(a + b) * w`` as the exporter traces it, with the sum also an output (the residual);
+    the graph, its feeds and ``w``."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -313,7 +314,7 @@ def _norm_graph(skip_shape: list[int]) -> tuple[object, dict[str, np.ndarray]]:
     rng = np.random.default_rng(1)
     feeds = {"a": rng.standard_normal((2, 3, 8)).astype(np.float32)}
     feeds["b"] = rng.standard_normal(skip_shape).astype(np.float32)
-    return model, feeds | {"w": consts["w"]}
+    return model, feeds, consts["w"]
 
 
 @pytest.mark.parametrize(
@@ -326,8 +327,7 @@ def test_norm_fusion_is_exact_and_never_fuses_a_broadcast_add(skip_shape, fused_
 
     from eigenpatch.export.fuse import CONTRIB, fuse_graph
 
-    model, feeds = _norm_graph(skip_shape)
-    weight = feeds.pop("w")
+    model, feeds, weight = _norm_graph(skip_shape)
     fused_counts = fuse_graph(model.graph)
     model.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
     assert fused_counts[fused_op] == 1 and sum(fused_counts.values()) == 1
