@@ -135,10 +135,9 @@ def matmul_only(folder: Path) -> tuple[Any, dict[str, Any], int, int]:
     return session, feeds, calls, sum(int(np.prod(t.dims)) * 4 for t in used.values())
 
 
-def onnx_step_ms(folder: Path) -> float:
+def onnx_step_ms(runner: OnnxRunner) -> float:
     """One batch-1 decode step through the KV cache (64 steps after a 128-token prompt), with the
     runner ``bench/decode_speed.py`` measures."""
-    runner = OnnxRunner(folder)
     token, state = runner.prefill([[1_000 + i * 37 % 40_000 for i in range(128)]])
     start = time.perf_counter()
     for _ in range(STEPS):
@@ -149,10 +148,11 @@ def onnx_step_ms(folder: Path) -> float:
 def run_onnx(models: dict[str, Path], tmp: Path, repeats: int) -> dict[str, dict[str, float]]:
     graphs = {label: export_fp32(folder, tmp / f"onnx-{label}") for label, folder in models.items()}
     probes = {label: matmul_only(folder) for label, folder in graphs.items()}
+    runners = {label: OnnxRunner(folder) for label, folder in graphs.items()}  # loaded once, as the probes
     samples: dict[str, dict[str, list[float]]] = {label: {"step": [], "matmul": []} for label in graphs}
     for _ in range(repeats):  # interleaved
         for label, (session, feeds, _, _) in probes.items():
-            samples[label]["step"].append(onnx_step_ms(graphs[label]))
+            samples[label]["step"].append(onnx_step_ms(runners[label]))
             for _ in range(5):
                 session.run(None, feeds)
             start = time.perf_counter()
