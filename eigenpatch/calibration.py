@@ -1,9 +1,10 @@
-"""Calibration: token windows from real text and the statistics hooks that data-aware transforms share.
+"""Calibration: token windows from real text, and the whole-model input covariances two rooms share.
 
-Statistics are accumulated on the fly by hooks (fp32 products, fp64 running sums), so memory is
-set by the model's widths, never by the number of calibration windows. Linears that read the
-same input tensor (q/k/v, gate/up) share one covariance, which is both cheaper and exactly what
-a fused layer (vLLM's qkv_proj / gate_up_proj) sees.
+Statistics are accumulated on the fly by hooks (:class:`~eigenpatch.engine.stats.Gram`: fp32
+products, fp64 running sums), so memory is set by the model's widths, never by the number of
+calibration windows. Linears that read the same input tensor (q/k/v, gate/up) share one
+covariance, which is both cheaper and exactly what a fused layer (vLLM's qkv_proj /
+gate_up_proj) sees.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from eigenpatch.engine.stats import Gram, SharedInputs
 from eigenpatch.errors import UsageError
 
 DEFAULT_WINDOWS = 128
@@ -89,32 +89,6 @@ def token_ids(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.cat(pieces).long() if pieces else torch.zeros(0, dtype=torch.long)
 
 
-@dataclass
-class InputCovariance:
-    """Running ``H = sum_t x_t x_t^T`` over calibration tokens (fp64), and the token count."""
-
-    dim: int
-    gram: torch.Tensor = field(init=False)
-    tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-
-    def add(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, self.dim).float()
-        self.gram += (flat.T @ flat).double()  # fp32 product per batch, fp64 running sum
-        self.tokens += flat.shape[0]
-
-
-@contextmanager
-def _hooks(handles: list[Any]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @contextmanager
 def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
     """Only ``params`` require grad inside the block; every flag is restored afterwards."""
@@ -141,100 +115,14 @@ def collect_input_covariances(
     windows: torch.Tensor,
     batch_size: int = 4,
     show_progress: bool = True,
-) -> dict[str, InputCovariance]:
-    """Input covariance of every Linear in ``linears`` over ``windows``; shared inputs share one object.
-
-    Sharing is detected, not assumed: within one parent module (an attention or MLP block), two
-    Linears whose forward receives the very same tensor read the same input.
-    """
-    stats: dict[str, InputCovariance] = {}
-    seen: dict[tuple[str, int, tuple[int, ...]], InputCovariance] = {}
-
-    def hook_for(name: str):
-        parent = name.rpartition(".")[0]
-
-        def hook(module: nn.Linear, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            key = (parent, x.data_ptr(), tuple(x.shape))
-            if key in seen:
-                stats.setdefault(name, seen[key])  # same input as a sibling: already counted
-                return
-            stat = stats.setdefault(name, InputCovariance(module.in_features))
-            stat.add(x)
-            seen[key] = stat
-
-        return hook
-
-    handles = [lin.register_forward_pre_hook(hook_for(name)) for name, lin in linears.items()]
+) -> dict[str, Gram]:
+    """Input Gram ``H = sum_t x_t x_t^T`` of every Linear in ``linears`` over ``windows``, from one
+    forward of the whole decoder per batch; Linears that read the same input share one object."""
+    grams: dict[str, Gram] = {}
+    shared = SharedInputs(linears, lambda leader, x: grams.setdefault(leader, Gram()).add(x))
     body = model.base_model  # the decoder stack: the lm_head's logits are not needed here
     device = next(model.parameters()).device
-    with _hooks(handles):
+    with shared.watch(model):
         for batch in tqdm(_batches(windows, batch_size), desc="calibration", unit="batch", disable=not show_progress):
-            seen.clear()
             body(input_ids=batch.to(device), use_cache=False)
-    return stats
-
-
-def collect_fisher(
-    model: nn.Module,
-    linears: dict[str, nn.Linear],
-    windows: torch.Tensor,
-    show_progress: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Empirical Fisher per *input column* of each Linear: ``I_j = sum_windows sum_i (dL/dW_ij)^2``.
-
-    One window per backward pass, so each squared gradient is a per-sample gradient (the
-    empirical Fisher), not the square of a batch mean. Only the targeted weights require grad.
-    """
-    fisher = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
-    device = next(model.parameters()).device
-    with trainable_only(model, [lin.weight for lin in linears.values()]):
-        for window in tqdm(windows, desc="fisher", unit="window", disable=not show_progress):
-            ids = window[None].to(device)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            for name, lin in linears.items():
-                fisher[name] += lin.weight.grad.detach().double().square().sum(dim=0).cpu()
-                lin.weight.grad = None
-    return fisher
-
-
-def collect_output_fisher(
-    model: nn.Module,
-    linears: dict[str, nn.Linear],
-    windows: torch.Tensor,
-    batch_size: int = 4,
-    show_progress: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher of each Linear's *output*: ``b_o = sum_t (dL/dy_{t,o})^2`` over calibration tokens.
-
-    With it, ``0.5 * sum_t sum_o b_o dy_{t,o}^2`` estimates the loss increase a perturbation
-    ``dy`` of that layer's output causes (Fisher approximation of the Hessian), in units that
-    compare across layers. No parameter gradient is allocated: only the embedding output is
-    made to require grad, so backward runs through activations alone.
-    """
-    fisher = {name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in linears.items()}
-
-    def hook_for(name: str):
-        def hook(module: nn.Linear, args: Any, output: torch.Tensor) -> None:
-            def accumulate(grad: torch.Tensor) -> None:
-                fisher[name] += grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(dim=0).cpu()
-
-            output.register_hook(accumulate)
-
-        return hook
-
-    def grad_from_embeddings(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        return output.detach().requires_grad_(True)
-
-    handles = [lin.register_forward_hook(hook_for(name)) for name, lin in linears.items()]
-    handles.append(model.get_input_embeddings().register_forward_hook(grad_from_embeddings))
-    device = next(model.parameters()).device
-    batches = tqdm(_batches(windows, batch_size), desc="output fisher", unit="batch", disable=not show_progress)
-    with trainable_only(model, []), _hooks(handles):
-        for batch in batches:
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            # summed (not averaged) over tokens, so each token's gradient is its own sample's
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-            loss.backward()
-    return fisher
+    return {name: grams[leader] for name, leader in shared.leader.items()}

@@ -20,9 +20,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from eigenpatch.engine.shards import LayerSource
+from eigenpatch.engine.state import RunState
+from eigenpatch.engine.transform import LayerTransform
 from eigenpatch.errors import UsageError
 from eigenpatch.format.checkpoint import attach_format
-from eigenpatch.sequential import LayerSource
 
 
 @dataclass
@@ -34,8 +36,8 @@ class TransformConfig:
     :meth:`from_dict`); ``needs_data`` says the transform reads calibration text (the CLI then
     loads it and demands a tokenizer); ``needs_teacher`` asks :func:`patch` for a frozen copy of
     the model as it was before the recipe ran (distillation); ``resumable`` asks for a state
-    folder that survives an interrupted run; ``streams`` see below. A subclass may turn ``needs_data`` into a property
-    when it depends on the config's fields.
+    folder that survives an interrupted run; ``out_of_core`` see below. A subclass may turn
+    ``needs_data`` into a property when it depends on the config's fields.
     """
 
     name: ClassVar[str] = ""
@@ -43,10 +45,12 @@ class TransformConfig:
     needs_data: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     resumable: ClassVar[bool] = False
-    #: The handler reaches decoder layers only through ``context.layers`` (one at a time), so the
-    #: recipe can run on a model too big for memory (:mod:`eigenpatch.lazy`). A property where it
+    #: The transform runs inside the layer-by-layer engine (:mod:`eigenpatch.engine`), through the
+    #: :class:`~eigenpatch.engine.LayerTransform` its room registers with
+    #: :func:`register_layer_transform`; so it sees one decoder layer at a time and the recipe can
+    #: run on a model too big for memory (:mod:`eigenpatch.out_of_core`). A property where it
     #: depends on the config's fields.
-    streams: ClassVar[bool] = False
+    out_of_core: ClassVar[bool] = False
     #: The patched model gives the same outputs for token ids: only embeddings passed in directly
     #: change (a defence against embedding-space attacks). The contract test then looks for the
     #: patch's effect on embeddings.
@@ -104,9 +108,11 @@ class PatchContext:
     #: Called as ``on_step(transform_name, step, model)`` after each training step of transforms
     #: that train: benchmarks evaluate intermediate models through it.
     on_step: Callable[[str, int, nn.Module], None] | None = None
-    #: Where the decoder layers live (:class:`~eigenpatch.sequential.LayerSource`); None: all in
-    #: ``model``. Only handlers of ``streams`` configs are given a lazy one.
+    #: Where the decoder layers live (:class:`~eigenpatch.engine.shards.LayerSource`); None: all in
+    #: ``model``. Only ``out_of_core`` configs run with a lazy one, inside the engine.
     layers: LayerSource | None = None
+    #: The out-of-core run's state (:class:`~eigenpatch.engine.state.RunState`), for the engine.
+    run_state: RunState | None = None
 
 
 @dataclass
@@ -117,8 +123,11 @@ class TransformResult:
 
 
 Handler = Callable[[nn.Module, Any, PatchContext], TransformResult]
+#: Builds the engine's view of an ``out_of_core`` config: ``factory(model, config, context)``.
+LayerFactory = Callable[[nn.Module, Any, PatchContext], LayerTransform]
 
 _REGISTRY: dict[str, tuple[type[TransformConfig], Handler]] = {}
+_LAYER_FACTORIES: dict[str, LayerFactory] = {}
 
 
 def register_transform(config_cls: type[TransformConfig]) -> Callable[[Handler], Handler]:
@@ -129,6 +138,17 @@ def register_transform(config_cls: type[TransformConfig]) -> Callable[[Handler],
     def decorate(handler: Handler) -> Handler:
         _REGISTRY[config_cls.name] = (config_cls, handler)
         return handler
+
+    return decorate
+
+
+def register_layer_transform(config_cls: type[TransformConfig]) -> Callable[[LayerFactory], LayerFactory]:
+    """Decorator: ``@register_layer_transform(MyConfig)`` on the :class:`~eigenpatch.engine.LayerTransform`
+    (or a function returning one) that runs a ``MyConfig`` whose ``out_of_core`` is true in the engine."""
+
+    def decorate(factory: LayerFactory) -> LayerFactory:
+        _LAYER_FACTORIES[config_cls.name] = factory
+        return factory
 
     return decorate
 
@@ -187,14 +207,17 @@ def patch(
     calibration_cache: dict[Any, Any] | None = None,
     state_dir: str | Path | None = None,
     layers: LayerSource | None = None,
+    run_state: RunState | None = None,
 ) -> dict[str, Any]:
     """Apply ``recipe`` to ``model`` in place, in order, and describe the result in its config.
 
     Returns the run report (parameter counts before/after, per-transform details, seconds).
     After this, ``save_pretrained`` / :func:`eigenpatch.save` writes the eigenpatch format.
     ``state_dir``: where resumable transforms checkpoint; rerunning the same recipe
-    with the same ``state_dir`` continues an interrupted run. ``layers``: a lazy source of the
-    decoder layers for a skeleton ``model`` (:func:`eigenpatch.lazy.patch_checkpoint` passes it).
+    with the same ``state_dir`` continues an interrupted run. Consecutive ``out_of_core`` configs
+    run together in one layer-by-layer engine run (one Fisher, one scoring and one fit pass for
+    all); ``layers`` and ``run_state``: the lazy source of the decoder layers of a skeleton
+    ``model``, and the run's state (:func:`eigenpatch.out_of_core.patch_checkpoint` passes both).
     """
     configs = [recipe] if isinstance(recipe, TransformConfig) else list(recipe)
     context = PatchContext(tokenizer=tokenizer, calib_text=calib_text, show_progress=show_progress)
@@ -203,26 +226,65 @@ def patch(
     if state_dir is not None:
         context.state_dir = Path(state_dir)
     if layers is not None:
-        lazy = [c.name for c in configs if not c.streams]
-        if lazy:
-            raise UsageError(f"{lazy[0]} needs the whole model in memory; it cannot run layer by layer from disk")
-        context.layers = layers
+        whole = [c.name for c in configs if not c.out_of_core]
+        if whole:
+            raise UsageError(f"{whole[0]} needs the whole model in memory; it cannot run layer by layer from disk")
+    context.layers, context.run_state = layers, run_state
     if any(c.needs_teacher for c in configs):
         context.teacher = copy.deepcopy(model).eval().requires_grad_(False)
     before = count_parameters(model)
-    steps = []
+    steps: list[dict[str, Any]] = []
+    engine: dict[str, Any] | None = None
     registry = registered()
     for config in configs:
         if config.name not in registry:
             raise UsageError(f"transform {config.name!r} is not registered; known: {', '.join(transform_names())}")
+    i = 0
+    while i < len(configs):
         start = time.perf_counter()
-        result = registry[config.name][1](model, config, context)
-        steps.append({**config.to_dict(), **result.details, "seconds": round(time.perf_counter() - start, 2)})
+        if configs[i].out_of_core:
+            group = [configs[i]]
+            while i + len(group) < len(configs) and configs[i + len(group)].out_of_core:
+                group.append(configs[i + len(group)])
+            details, engine = _run_in_engine(model, group, context)
+        else:
+            group = [configs[i]]
+            details = [registry[configs[i].name][1](model, configs[i], context).details]
+        seconds = round(time.perf_counter() - start, 2)
+        steps += [{**config.to_dict(), **d, "seconds": seconds} for config, d in zip(group, details, strict=True)]
+        i += len(group)
     attach_format(model, [c.to_dict() for c in configs], base_model)
     after = count_parameters(model)
-    return {
+    report = {
         "base_model": base_model,
         "model_params_before": before,
         "model_params_after": after,
         "steps": steps,
     }
+    if engine is not None:
+        report["engine"] = engine
+    return report
+
+
+def _run_in_engine(
+    model: nn.Module, group: list[TransformConfig], context: PatchContext
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One engine run for consecutive ``out_of_core`` configs: each one's details, and the engine's report
+    (also under each step's ``layer_by_layer``, beside what the transform put there)."""
+    from eigenpatch.engine.passes import run_engine
+
+    missing = [c.name for c in group if c.name not in _LAYER_FACTORIES]
+    if missing:
+        raise TypeError(f"{missing[0]} is out_of_core but registers no layer transform")
+    transforms = [_LAYER_FACTORIES[c.name](model, c, context) for c in group]
+    run = run_engine(
+        model,
+        transforms,
+        source=context.layers,
+        tokenizer=context.tokenizer,
+        calib_text=context.calib_text,
+        state=context.run_state,
+        show_progress=context.show_progress,
+    )
+    details = [{**d, "layer_by_layer": {**run.report, **d.get("layer_by_layer", {})}} for d in run.details]
+    return details, run.report

@@ -55,17 +55,17 @@ def test_a_stricter_umask_is_respected(tmp_path):
 
 _SLOW_SAVE = """
 import sys, time
-import eigenpatch.lazy
+import eigenpatch.out_of_core
 from eigenpatch.cli import patch_model_main
 
-verify = eigenpatch.lazy.verify_checkpoint
+verify = eigenpatch.out_of_core.verify_checkpoint
 
 def verify_then_hang(folder):  # the shards, index and config are in place; the folder is not yet renamed
     verify(folder)
     print("written", flush=True)
     time.sleep(120)
 
-eigenpatch.lazy.verify_checkpoint = verify_then_hang
+eigenpatch.out_of_core.verify_checkpoint = verify_then_hang
 sys.exit(patch_model_main(sys.argv[1:]))
 """
 

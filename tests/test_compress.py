@@ -5,17 +5,12 @@ import torch
 from conftest import TINY_VOCAB, make_tiny
 
 import eigenpatch
-from eigenpatch.calibration import (
-    calibration_windows,
-    collect_input_covariances,
-    collect_output_fisher,
-    text_chunks,
-    token_ids,
-)
+from eigenpatch.calibration import calibration_windows, collect_input_covariances, text_chunks, token_ids
 from eigenpatch.errors import UsageError
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers import LowRank, parse_method
 from eigenpatch.patchers.lowrank.factorize import factorize, fisher_weighting, whitening
+from eigenpatch.patchers.lowrank.oneshot import collect_output_fisher
 from eigenpatch.patchers.lowrank.ranks import factorized_params, loss_ranks, welore_ranks
 from eigenpatch.patchers.targets import find_linears
 from eigenpatch.zoo import resolve_text
@@ -137,7 +132,7 @@ def test_shared_inputs_share_one_covariance_equal_to_x_xt(tiny_tokenizer):
         model.model(input_ids=windows)
     hook.remove()
     x = torch.cat(seen).double()
-    assert torch.allclose(stats[f"{mlp}.down_proj"].gram, x.T @ x, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(stats[f"{mlp}.down_proj"].value, x.T @ x, rtol=1e-4, atol=1e-6)
     assert stats[f"{mlp}.down_proj"].tokens == 3 * 32
 
 

@@ -92,3 +92,34 @@ def test_format_constants_match_the_stored_modules():
     }
     for kind, module in modules.items():
         assert tuple(name for name, _ in module.named_parameters()) == fmt.TENSORS[kind], kind
+
+
+ENGINE = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "eigenpatch" / "engine").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", ENGINE)
+def test_the_engine_names_no_transform(path):
+    """The engine serves any layer-by-layer transform: it names none of them, nor their rooms' words."""
+    words = {name for name in registered()} | {cls.__name__ for cls, _ in registered().values()}
+    words |= {"lowrank", "factor", "rank", "quantize", "gptq", "shield", "steer"}
+    text = (ROOT / path).read_text().lower()
+    found = sorted(w for w in words if re.search(rf"(?<![\w-]){re.escape(w.lower())}(?![\w])", text))
+    assert not found, f"{path} names {found}"
+    assert not any(name.startswith("eigenpatch.patchers") for name in _imports(ROOT / path)), path
+
+
+def test_rooms_reach_the_engine_only_through_its_step_api():
+    """A room imports ``from eigenpatch.engine import <name in __all__>``, never an engine module."""
+    import eigenpatch.engine as engine
+
+    offenders = []
+    for path in sorted((ROOT / "patchers").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("eigenpatch.engine"):
+                names = {a.name for a in node.names}
+                if node.module != "eigenpatch.engine" or not names <= set(engine.__all__):
+                    offenders.append(f"{path.relative_to(ROOT)}: from {node.module} import {sorted(names)}")
+            elif isinstance(node, ast.Import) and any(a.name.startswith("eigenpatch.engine") for a in node.names):
+                offenders.append(f"{path.relative_to(ROOT)}: import {[a.name for a in node.names]}")
+    assert not offenders
+    assert any("eigenpatch.engine" in _imports(p) for p in (ROOT / "patchers").rglob("*.py"))  # the check has teeth

@@ -1,7 +1,7 @@
 """Out-of-core patching: a checkpoint read and written one decoder layer at a time.
 
 The lazy path must give the very tensors the in-memory path gives (it runs the same per-layer
-code through another :class:`~eigenpatch.sequential.LayerSource`), resume after a kill, and
+code through another :class:`~eigenpatch.engine.shards.LayerSource`), resume after a kill, and
 refuse bad requests before it loads anything.
 """
 
@@ -14,14 +14,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import eigenpatch
-from eigenpatch.calibration import collect_output_fisher
 from eigenpatch.cli import patch_model_main
+from eigenpatch.engine.fisher import stream_output_fisher
+from eigenpatch.engine.shards import CheckpointLayers
+from eigenpatch.engine.state import RunState
+from eigenpatch.engine.streams import layer_prefix
 from eigenpatch.errors import EXIT_USAGE, UsageError
-from eigenpatch.layer_fisher import stream_output_fisher
-from eigenpatch.lazy import INDEX_FILE, CheckpointLayers, patch_checkpoint
+from eigenpatch.out_of_core import INDEX_FILE, patch_checkpoint
 from eigenpatch.patchers import SVD, LowRank
+from eigenpatch.patchers.lowrank.oneshot import collect_output_fisher
 from eigenpatch.patchers.targets import find_linears
-from eigenpatch.sequential import Resume, layer_prefix
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 
@@ -148,12 +150,15 @@ def test_layer_by_layer_from_the_shards_equals_the_in_memory_patch(checkpoints, 
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_streamed_scores_from_the_shards_equal_the_whole_model_statistics(checkpoints, one_thread):
-    """The ``loss`` allocator's inputs (spectra, output scales), read layer by layer from the shards,
-    are those of the one-shot path's whole-model statistics (hooks on one forward, one backward)."""
+def test_engine_scores_from_the_shards_equal_the_whole_model_statistics(checkpoints, one_thread):
+    """The ``loss`` allocator's inputs (spectra, output scales), from the engine's Fisher and scoring
+    passes over layers read from the shards, are those of the one-shot path's whole-model statistics
+    (hooks on one forward, one backward)."""
+    from eigenpatch.calibration import calibration_windows
+    from eigenpatch.engine.passes import plan_transforms
     from eigenpatch.patchers.lowrank.factorize import scaled_spectrum
-    from eigenpatch.patchers.lowrank.streamed import LayerNames, _scores, _windows
-    from eigenpatch.patchers.lowrank.transform import calibration_stats
+    from eigenpatch.patchers.lowrank.layers import LowRankLayers
+    from eigenpatch.patchers.lowrank.oneshot import calibration_stats
     from eigenpatch.recipe import PatchContext
 
     config = _sequential()
@@ -163,8 +168,11 @@ def test_streamed_scores_from_the_shards_equal_the_whole_model_statistics(checkp
     linears = find_linears(model, config.targets)
     stats = calibration_stats(model, linears, config, context)
     source = CheckpointLayers(folder, folder.parent / "unused", device=CPU, dtype=FP32)
-    names = LayerNames.of(source.model, source, list(linears))
-    spectra, scales = _scores(source.model, source, names, config, _windows(config, context), context)
+    transform = LowRankLayers(source.model, config, PatchContext(show_progress=False))
+    windows = calibration_windows(_Tokens(), "x", config.calib_windows, config.calib_seq_len, config.seed)
+    passes = plan_transforms(source.model, [transform], windows, source=source, show_progress=False)
+    assert set(passes) == {"fisher", "scores"}
+    spectra, scales = transform.spectra, transform.scales
     assert spectra.keys() == scales.keys() == linears.keys()
     for name, linear in linears.items():
         torch.testing.assert_close(scales[name], stats.output_scale[name], rtol=1e-4, atol=1e-8)
@@ -200,7 +208,7 @@ def test_a_killed_run_resumes_after_its_last_finished_layer(tmp_path, monkeypatc
     recipe = [_sequential()]
     _, reference = _lazy(folder, recipe, tmp_path / "reference", tmp_path / "state-ref")
 
-    original = Resume.save
+    original = RunState.save_streams
 
     def killed_after_layer_1(self, next_layer, *args, **kwargs):
         original(self, next_layer, *args, **kwargs)
@@ -208,11 +216,11 @@ def test_a_killed_run_resumes_after_its_last_finished_layer(tmp_path, monkeypatc
             raise KeyboardInterrupt
 
     out, state = tmp_path / "out", tmp_path / "state"
-    monkeypatch.setattr(Resume, "save", killed_after_layer_1)
+    monkeypatch.setattr(RunState, "save_streams", killed_after_layer_1)
     with pytest.raises(KeyboardInterrupt):
         _lazy(folder, recipe, out, state)
     assert not out.exists() and (state / "shards").is_dir()
-    monkeypatch.setattr(Resume, "save", original)
+    monkeypatch.setattr(RunState, "save_streams", original)
     loads = []
     monkeypatch.setattr(
         CheckpointLayers, "load", lambda self, i, f=CheckpointLayers.load: loads.append(i) or f(self, i)
@@ -268,16 +276,16 @@ def test_cli_compresses_layer_by_layer_and_reports_peak_memory(tiny_dir, tmp_pat
     out = tmp_path / "out"
     assert patch_model_main([str(tiny_dir), "--compress", "0.5", "--method", "svd", "-o", str(out), "-q"]) == 0
     report = json.loads((out / "eigenpatch_report.json").read_text())
-    assert report["streamed"] is True
+    assert report["out_of_core"] is True
     summary = capsys.readouterr().out
     assert "peak memory: RSS" in summary and "layer by layer from the shards" in summary
     assert isinstance(eigenpatch.load(out), torch.nn.Module)
 
 
 def test_a_whole_model_recipe_that_does_not_fit_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
-    import eigenpatch.memory
+    import eigenpatch.engine.memory
 
-    monkeypatch.setattr(eigenpatch.memory, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(eigenpatch.engine.memory, "available_bytes", lambda device: 1000)
     out = tmp_path / "out"
     assert patch_model_main([str(tiny_dir), "--structured-ffn", "lowrank", "-o", str(out), "-q"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()

@@ -6,12 +6,13 @@ from conftest import TINY_VOCAB, make_tiny
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import eigenpatch
+from eigenpatch.engine.passes import run_layers
+from eigenpatch.engine.streams import decoder_layers
 from eigenpatch.errors import UsageError
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers import LowRank
 from eigenpatch.patchers.lowrank.factorize import factorize, whitening
 from eigenpatch.patchers.lowrank.propagate import refit
-from eigenpatch.sequential import decoder_layers, run_layers
 
 
 def _windows(n: int, seq: int = 32, seed: int = 0) -> torch.Tensor:

@@ -316,7 +316,7 @@ def test_checkpoint_kind_serves_transformers_greedy_tokens(kind, tp, tmp_path_fa
 def test_a_checkpoint_written_layer_by_layer_serves_transformers_tokens(tmp_path_factory, tiny_tokenizer):
     """``patch-model``'s out-of-core output (one shard per decoder layer + index, factor pairs fitted
     on propagated inputs) is the same format: vLLM loads the shards and decodes transformers' tokens."""
-    from eigenpatch.lazy import patch_checkpoint
+    from eigenpatch.out_of_core import patch_checkpoint
     from eigenpatch.patchers import LowRank
     from eigenpatch.zoo import resolve_text
 

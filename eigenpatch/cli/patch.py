@@ -123,9 +123,9 @@ class _Job:
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    """Run the recipe the flags ask for. A recipe whose transforms all stream (``--compress`` alone,
-    by default) never loads the whole model: its layers are read and written one at a time
-    (:mod:`eigenpatch.lazy`). Anything else, or ``--eval``, loads the model whole."""
+    """Run the recipe the flags ask for. A recipe whose transforms all run out of core (``--compress``
+    alone, by default) never loads the whole model: its layers are read and written one at a time
+    (:mod:`eigenpatch.out_of_core`). Anything else, or ``--eval``, loads the model whole."""
     from eigenpatch.cli.summary import summarize_patch
     from eigenpatch.hf_io import check_safetensors, is_patched, resolve_device, resolve_dtype
     from eigenpatch.zoo import resolve_model, resolve_text
@@ -146,18 +146,18 @@ def run_patch(args: argparse.Namespace) -> int:
     check_free_disk(folder, output, dtype)
     state_dir = output.parent / f".{output.name}.state"  # an interrupted resumable run continues from here
     job = _Job(args, recipe, folder, output, state_dir, device, dtype, calib_text)
-    streams = all(c.streams for c in recipe) and not args.eval and not is_patched(folder)
-    report, out = _patch_streamed(job) if streams else _patch_in_memory(job)
+    out_of_core = all(c.out_of_core for c in recipe) and not args.eval and not is_patched(folder)
+    report, out = _patch_out_of_core(job) if out_of_core else _patch_in_memory(job)
     report["seconds"] = round(time.perf_counter() - start, 2)
     print(summarize_patch(report, out))
     return 0
 
 
-def _patch_streamed(job: _Job) -> tuple[dict[str, Any], Path]:
+def _patch_out_of_core(job: _Job) -> tuple[dict[str, Any], Path]:
     args, recipe, folder, output, state_dir, device, dtype, calib_text = job.parts()
     from eigenpatch.format.checkpoint import weights_bytes
     from eigenpatch.hf_io import load_tokenizer
-    from eigenpatch.lazy import patch_checkpoint
+    from eigenpatch.out_of_core import patch_checkpoint
 
     tokenizer = load_tokenizer(folder, args.trust_remote_code)
     if calib_text is not None and tokenizer is None:
@@ -175,16 +175,16 @@ def _patch_streamed(job: _Job) -> tuple[dict[str, Any], Path]:
         show_progress=not args.quiet,
         force=args.force,
         trust_remote_code=args.trust_remote_code,
-        report_extra={"input_weights_bytes": weights_bytes(folder), "streamed": True},
+        report_extra={"input_weights_bytes": weights_bytes(folder), "out_of_core": True},
     )
 
 
 def _patch_in_memory(job: _Job) -> tuple[dict[str, Any], Path]:
     args, recipe, folder, output, state_dir, device, dtype, calib_text = job.parts()
     import eigenpatch
+    from eigenpatch.engine.memory import peak_memory
     from eigenpatch.format.checkpoint import weights_bytes
     from eigenpatch.hf_io import load_model
-    from eigenpatch.memory import peak_memory
 
     check_fits_whole(recipe, folder, dtype, device)
     model, tokenizer, folder = load_model(folder, dtype, args.trust_remote_code)
@@ -220,9 +220,9 @@ def check_fits_whole(recipe: list[TransformConfig], folder: Path, dtype: Any, de
     """A recipe that needs the whole model (a stage that does not stream, or ``--eval``) is refused in one line
     when the model's weights in ``dtype`` (twice that with a frozen teacher copy for distillation)
     exceed the memory ``device`` has free; the layer-by-layer stages alone never need it."""
+    from eigenpatch.engine.memory import available_bytes
     from eigenpatch.format.checkpoint import weights_bytes
     from eigenpatch.hf_io import resolve_dtype
-    from eigenpatch.memory import available_bytes
     from eigenpatch.table import fmt_bytes
 
     free = available_bytes(device)

@@ -31,9 +31,16 @@ def summarize_patch(report: dict[str, Any], out: Path) -> str:
     ]
     for step, piece in steps:
         lines.extend(piece.summary_lines(step) if piece is not None else [f"{step['transform']}: {step['seconds']} s"])
+    if "engine" in report:
+        passes = ", ".join(f"{name} {_duration(s)}" for name, s in report["engine"]["passes"].items())
+        lines.append(f"layer-by-layer engine: {passes}")
     if "peak_rss_bytes" in report:
         device = f", device {fmt_bytes(report['peak_device_bytes'])}" if "peak_device_bytes" in report else ""
-        how = " (layer by layer from the shards)" if report.get("streamed") else " (whole model in memory)"
+        how = " (layer by layer from the shards)" if report.get("out_of_core") else " (whole model in memory)"
         lines.append(f"peak memory: RSS {fmt_bytes(report['peak_rss_bytes'])}{device}{how}")
     lines.append(f"total {report['seconds']} s. Load it with: eigenpatch.load({str(out)!r})")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

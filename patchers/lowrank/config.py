@@ -35,7 +35,8 @@ class LowRank(TransformConfig):
     calib_seq_len: int = DEFAULT_SEQ_LEN
     fisher_windows: int = DEFAULT_FISHER_WINDOWS
     seed: int = DEFAULT_SEED
-    #: Fit whitening factor pairs layer by layer on the inputs the compressed layers before them
+    #: The one knob for *how* pairs are fitted (``--one-shot`` sets it false): true fits whitening
+    #: factor pairs layer by layer in the engine, on the inputs the compressed layers before them
     #: produce, against the dense outputs (:mod:`eigenpatch.patchers.lowrank.propagate`). Only
     #: ``whiten`` and ``fwhiten`` read it; the allocation stays global either way.
     sequential: bool = False
@@ -59,12 +60,12 @@ class LowRank(TransformConfig):
 
     @property
     def propagates(self) -> bool:
-        """Whether the factor pairs are fitted layer by layer (``sequential`` and a whitening factorizer)."""
+        """Derived from ``sequential``: the pairs are fitted on the propagated stream (a whitening factorizer)."""
         return self.sequential and self.factorizer in ("whiten", "fwhiten")
 
     @property
-    def streams(self) -> bool:
-        """Layer by layer (and so out of core): the propagated fit, and the data-free ``svd`` factorizer."""
+    def out_of_core(self) -> bool:
+        """In the engine (and so out of core): the propagated fit, and the data-free ``svd`` factorizer."""
         return self.propagates or not self.needs_data
 
     def touched_linears(self) -> tuple[str, ...]:

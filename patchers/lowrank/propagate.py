@@ -1,6 +1,6 @@
 """Propagated-input factorization: each matrix fitted to the dense outputs on the compressed model's inputs.
 
-Run by the layer-by-layer engine (:mod:`eigenpatch.sequential`). Within a decoder layer the
+Run in the layer-by-layer engine's fit pass (:mod:`eigenpatch.engine`). Within a decoder layer the
 Linears are taken in the order they run, grouped by shared input (q/k/v, then o, then gate/up,
 then down), so o_proj is fitted on the outputs of the already-compressed q/k/v, and down_proj
 on those of the compressed gate/up.
@@ -35,55 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from eigenpatch.calibration import trainable_only
+from eigenpatch.engine import LayerStep, call_layer, input_groups, paired_grams
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers.lowrank.factorize import pair_of_scaled, whitening
 from eigenpatch.patchers.targets import replace_module
-from eigenpatch.sequential import LayerStep, call_layer
 
 #: ``lam = DAMP * mean(diag(H'))``: the ridge towards the dense weight (see the module docstring).
 DAMP = 0.1
 #: Adam's learning rate for block-local refinement of the factor pairs.
 REFINE_LR = 1e-4
-
-
-def input_groups(step: LayerStep, names: list[str]) -> list[list[str]]:
-    """``names`` (relative to the layer) in the order the layer runs them, grouped by shared input tensor.
-
-    The inputs themselves are kept until the forward is over: compared by address only, a freed
-    input (v_proj's) and the next one allocated in its place (o_proj's) would look shared.
-    """
-    order: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        step.layer.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, name=name: order.append((name, args[0]))
-        )
-        for name in names
-    ]
-    try:
-        call_layer(step.layer, step.inputs[0], step.kwargs[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    last: torch.Tensor | None = None
-    for name, seen in order:
-        if groups and seen is last:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        last = seen
-    return groups
-
-
-def paired_statistics(step: LayerStep, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(H', X)``: the propagated input's Gram matrix and its cross term with the dense input (fp64 sums)."""
-    gram = cross = None
-    for dense_x, x in step.paired_inputs(module):
-        dim = x.shape[-1]
-        dense_x, x = dense_x.reshape(-1, dim).float(), x.reshape(-1, dim).float()
-        g, c = (x.T @ x).double(), (dense_x.T @ x).double()  # fp32 products per batch, fp64 sums
-        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
-    return gram, cross
 
 
 def refit(
@@ -152,7 +112,7 @@ def factorize_layer(
 ) -> None:
     """Replace each Linear of ``ranks`` (names relative to the layer) in ``step.layer`` by its refitted pair."""
     for group in input_groups(step, list(ranks)):
-        gram, cross = paired_statistics(step, group[0])  # the group shares one input
+        gram, cross = paired_grams(step, group[0])  # the group shares one input
         for name in group:
             linear: nn.Linear = step.layer.get_submodule(name)
             up, down = refit(linear.weight, ranks[name], gram, cross, out_scales.get(name), damp)

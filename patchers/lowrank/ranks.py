@@ -12,6 +12,7 @@ parameters meet the budget. They differ only in the score.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -37,6 +38,17 @@ def _cost(rank: int | None, shape: Shape) -> int:
 def factorized_params(shapes: Mapping[str, Shape], ranks: Mapping[str, int | None]) -> int:
     """Parameters of the targeted matrices after factorization (dense where the rank is ``None``)."""
     return sum(_cost(ranks[name], shape) for name, shape in shapes.items())
+
+
+def rank_details(shapes: Mapping[str, Shape], ranks: Mapping[str, int | None]) -> dict[str, Any]:
+    """What a compression reports: targeted parameters before and after, matrices factorized or kept dense."""
+    return {
+        "targeted_params_before": sum(m * n for m, n in shapes.values()),
+        "targeted_params_after": factorized_params(shapes, ranks),
+        "factorized": sum(r is not None for r in ranks.values()),
+        "kept_dense": sum(r is None for r in ranks.values()),
+        "ranks": dict(ranks),
+    }
 
 
 def _lrc(rank: int, shape: Shape) -> int | None:

@@ -1,12 +1,12 @@
 """The output Fisher of chosen Linears, computed one decoder layer at a time.
 
-:func:`eigenpatch.calibration.collect_output_fisher` backpropagates through the whole model at
-once, so the whole model must be in memory. The same numbers come out of a pass that holds one
-layer: run the layers forward once, keeping each layer's input (its *boundary* activations) on
-disk; get the gradient of the loss at the last hidden state from the head; then walk the layers
-backward, each time rerunning one layer forward from its stored input and backpropagating the
-gradient of its output to the gradient of its input. The gradient at each Linear's output is
-seen on the way, exactly as in the whole-model backward pass.
+A whole-model backward pass (the one-shot path's) needs the whole model in memory. The same
+numbers come out of a pass that holds one layer: run the layers forward once, keeping each
+layer's input (its *boundary* activations) on disk; get the gradient of the loss at the last
+hidden state from the head; then walk the layers backward, each time rerunning one layer
+forward from its stored input and backpropagating the gradient of its output to the gradient
+of its input. The gradient at each Linear's output is seen on the way, exactly as in the
+whole-model backward pass.
 
 Memory: one layer, one batch of activations with their autograd graph, and one gradient stream
 (``windows x seq_len x hidden``). Disk: the boundaries, ``layers x windows x seq_len x hidden``
@@ -27,14 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eigenpatch.calibration import trainable_only
-from eigenpatch.sequential import (
-    LayerSource,
-    call_layer,
-    decoder_layers,
-    layer_prefix,
-    layer_source,
-    record_batches,
-)
+from eigenpatch.engine.shards import LayerSource, layer_source
+from eigenpatch.engine.streams import call_layer, decoder_layers, layer_prefix, record_batches
 
 
 class _Passthrough(nn.Module):
