@@ -57,6 +57,7 @@ class _Scale(TransformConfig):
     out_of_core: ClassVar[bool] = True
     needs_data: ClassVar[bool] = True
     calib_windows: int = WINDOWS
+    score_windows: int | None = 2
 
 
 class _ScaleLayers(LayerTransform):
@@ -76,6 +77,7 @@ class _ScaleLayers(LayerTransform):
             output_fisher=every,
             fisher_windows=2,
             dense_grams=every,
+            score_windows=self.config.score_windows,
             scores=True,
         )
 
@@ -137,9 +139,9 @@ def tiny4(tmp_path_factory) -> Path:
     return folder
 
 
-def _run(folder: Path, out: Path, state: Path) -> dict[str, Any]:
+def _run(folder: Path, out: Path, state: Path, scale: _Scale | None = None) -> dict[str, Any]:
     report, _ = patch_checkpoint(
-        folder, [_lowrank(), _Scale()], out, state_dir=state, device=CPU, dtype=FP32,
+        folder, [_lowrank(), scale or _Scale()], out, state_dir=state, device=CPU, dtype=FP32,
         tokenizer=_Tokens(), calib_text="x", show_progress=False,
     )  # fmt: skip
     return report
@@ -149,7 +151,12 @@ def _stored(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_two_transforms_share_each_pass_and_run_in_recipe_order(tiny4, tmp_path, monkeypatch, scale_transform):
+@pytest.mark.parametrize("score_windows", [2, None])
+def test_two_transforms_share_each_pass_and_run_in_recipe_order(
+    tiny4, tmp_path, monkeypatch, scale_transform, score_windows
+):
+    """Scored on the Fisher's windows, both score inside the Fisher's backward walk (three passes);
+    when one scores on all windows, the scoring gets a pass of its own (four)."""
     loads: list[int] = []
     monkeypatch.setattr(
         CheckpointLayers, "load", lambda self, i, f=CheckpointLayers.load: loads.append(i) or f(self, i)
@@ -162,12 +169,19 @@ def test_two_transforms_share_each_pass_and_run_in_recipe_order(tiny4, tmp_path,
         states.append(sorted(p.name for p in self.folder.iterdir()))
 
     monkeypatch.setattr(RunState, "save_streams", save_streams)
-    report = _run(tiny4, tmp_path / "out", tmp_path / "state")
+    report = _run(tiny4, tmp_path / "out", tmp_path / "state", _Scale(score_windows=score_windows))
     layers = list(range(4))
-    # one Fisher pass (forward, then backward), one scoring pass, one fit pass: each layer once per pass
-    assert loads == layers + layers[::-1] + layers + layers
-    assert set(report["engine"]["passes"]) == {"fisher", "scores", "fit"}
-    assert [s[:2] for s in SEEN] == [("score", i) for i in layers] + [("fit", i) for i in layers]
+    # one Fisher pass (forward, then backward), a scoring pass if it cannot join it, one fit pass:
+    # each layer once per pass
+    if score_windows is None:
+        assert loads == layers + layers[::-1] + layers + layers
+        assert list(report["engine"]["passes"]) == ["fisher", "scores", "fit"]
+        scored = layers
+    else:
+        assert loads == layers + layers[::-1] + layers
+        assert list(report["engine"]["passes"]) == ["fisher + scores", "fit"]
+        scored = layers[::-1]
+    assert [s[:2] for s in SEEN] == [("score", i) for i in scored] + [("fit", i) for i in layers]
     assert all(s[2] for s in SEEN if s[0] == "fit")  # low-rank fitted each layer before the scale saw it
     # one run state: one folder beside the output, one run key, one resume point, both plans in it
     assert all(s == ["state"] for s in states[0::2])

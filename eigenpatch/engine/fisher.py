@@ -16,7 +16,7 @@ values (SmolLM2-135M, 32 x 512 tokens, fp32: 1.1 GB), in a temporary folder.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,11 @@ from tqdm.auto import tqdm
 
 from eigenpatch.calibration import trainable_only
 from eigenpatch.engine.shards import LayerSource, layer_source
+from eigenpatch.engine.stats import Gram, SharedInputs
 from eigenpatch.engine.streams import call_layer, decoder_layers, layer_prefix, record_batches
+
+#: ``on_layer(index, layer, fisher, grams, leader)``: see :func:`stream_output_fisher`.
+LayerDone = Callable[[int, nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]], None]
 
 
 class _Passthrough(nn.Module):
@@ -72,10 +76,18 @@ def stream_output_fisher(
     batch_size: int = 4,
     scratch: Path | None = None,
     show_progress: bool = True,
+    grams: Mapping[int, Sequence[str]] | None = None,
+    on_layer: LayerDone | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{"<layer prefix><module>": b}`` with ``b_o = sum_t (dL/dy_{t,o})^2``, the diagonal output
-    Fisher of each ``modules[i]`` submodule (names relative to decoder layer ``i``), as
-    :func:`~eigenpatch.calibration.collect_output_fisher` computes it for the whole model."""
+    Fisher of each ``modules[i]`` submodule (names relative to decoder layer ``i``), as a
+    whole-model backward pass computes it.
+
+    ``grams``: modules whose input Gram to accumulate on the way, from the forward that each layer's
+    backward step reruns anyway (the dense stream on these windows, at no extra forward).
+    ``on_layer(i, layer, fisher, grams, leader)`` is called as soon as layer ``i``'s statistics
+    are complete (layers in reverse order), with the layer still loaded: scoring needs no pass of
+    its own."""
     source = layer_source(model, source)
     hidden, kwargs_of = record_batches(model, windows, batch_size)
     device = hidden[0].device
@@ -105,7 +117,13 @@ def stream_output_fisher(
             layer = source.load(i)
             inputs = load_file(str(boundary / f"{i}.safetensors"), device=str(device))
             prefix = layer_prefix(model, i)
-            grads = _backward_layer(layer, prefix, modules.get(i, ()), inputs, grads, kwargs_of, i, fisher)
+            sums: dict[str, Gram] = {}
+            shared = SharedInputs((grams or {}).get(i, []), lambda n, x, s=sums: s.setdefault(n, Gram()).add(x))
+            with shared.watch(layer):
+                grads = _backward_layer(layer, prefix, modules.get(i, ()), inputs, grads, kwargs_of, i, fisher)
+            if on_layer is not None:
+                mine = {k: v for k, v in fisher.items() if k.startswith(prefix)}
+                on_layer(i, layer, mine, {k: g.value for k, g in sums.items()}, dict(shared.leader))
             source.drop(i)
     return fisher
 

@@ -192,18 +192,34 @@ def plan_transforms(
     pending = [(i, t, t.needs()) for i, t in enumerate(transforms) if not t.planned]
     fisher: dict[str, torch.Tensor] = {}
     modules = _union(n.output_fisher for _, _, n in pending)
+    scorers = [(t, n) for _, t, n in pending if n.scores]
+    n_fisher = max((n.fisher_windows for _, _, n in pending if n.output_fisher), default=0)
+    # Scores whose Grams read the Fisher's windows are computed inside its backward walk.
+    merged = bool(modules) and bool(scorers) and all(n.score_windows == n_fisher for _, n in scorers)
     if modules:
         assert windows is not None, "the output Fisher needs calibration windows"
         start = time.perf_counter()
-        n_fisher = max(n.fisher_windows for _, _, n in pending if n.output_fisher)
-        scratch = state.folder if state is not None else None
+
+        def score(index: int, layer: nn.Module, fisher: dict, grams: dict, leader: dict) -> None:
+            step = LayerStep(index, layer_prefix(model, index), layer, layer, [], [], [])
+            for t, _ in scorers:
+                t.score(step, LayerStats(fisher, grams, leader))
+
         fisher = stream_output_fisher(
-            model, modules, windows[:n_fisher], source=source, scratch=scratch, show_progress=show_progress
+            model,
+            modules,
+            windows[:n_fisher],
+            source=source,
+            scratch=state.folder if state is not None else None,
+            show_progress=show_progress,
+            grams=_union(n.dense_grams for _, n in scorers) if merged else None,
+            on_layer=score if merged else None,
         )
-        passes["fisher"] = time.perf_counter() - start
-    scorers = [(t, n) for _, t, n in pending if n.scores]
-    if scorers:
+        passes["fisher + scores" if merged else "fisher"] = time.perf_counter() - start
+    if scorers and not merged:
         start = time.perf_counter()
+        if windows is not None and all(n.score_windows is not None for _, n in scorers):
+            windows = windows[: max(n.score_windows or 0 for _, n in scorers)]
         _score_pass(model, scorers, fisher, windows, source, show_progress)
         passes["scores"] = time.perf_counter() - start
     for i, t, _ in pending:

@@ -5,7 +5,9 @@ its sequential pipeline). A transform says what it needs (:class:`Needs`) and im
 three steps:
 
 - :meth:`LayerTransform.score`, per layer in a read-only pass over the dense stream, with the
-  statistics it declared (output Fisher, input Grams) computed once for all transforms;
+  statistics it declared (output Fisher, input Grams) computed once for all transforms. When the
+  Grams read the Fisher's own windows, scoring happens inside the Fisher's backward walk (no pass
+  of its own), so layers may come in any order;
 - :meth:`LayerTransform.plan`, once, with every layer's scores seen (a global budget's allocation);
 - :meth:`LayerTransform.fit`, per layer between the two streams, where it patches the layer.
 
@@ -44,7 +46,8 @@ class Needs:
       pass then loads and writes layers without streams);
     - ``output_fisher``: the modules whose diagonal output Fisher ``b_o = sum_t (dL/dy_o)^2`` its
       score step reads, over the first ``fisher_windows`` windows (one backward pass);
-    - ``dense_grams``: the modules whose input Gram on the dense stream its score step reads;
+    - ``dense_grams``: the modules whose input Gram on the dense stream its score step reads,
+      over the first ``score_windows`` windows (None: all of them);
     - ``scores``: whether it has a score step at all (a pass over the layers before the plan).
     """
 
@@ -52,6 +55,7 @@ class Needs:
     output_fisher: Mapping[int, Sequence[str]] = field(default_factory=dict)
     fisher_windows: int = 0
     dense_grams: Mapping[int, Sequence[str]] = field(default_factory=dict)
+    score_windows: int | None = None
     scores: bool = False
 
 

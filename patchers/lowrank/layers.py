@@ -31,6 +31,10 @@ from eigenpatch.patchers.lowrank.ranks import ALLOCATORS, Ranks, rank_details
 from eigenpatch.patchers.targets import find_linears, replace_module
 from eigenpatch.recipe import PatchContext
 
+#: The scoring statistics (output Fisher and the input Grams of the spectra) read the same
+#: ``fisher_windows`` windows; the fit reads all ``calib_windows``.
+SCORE_ON_FISHER_WINDOWS = True
+
 
 class LowRankLayers(LayerTransform):
     """``LowRank`` as the engine runs it (see the module docstring)."""
@@ -73,6 +77,7 @@ class LowRankLayers(LayerTransform):
             output_fisher=dict(self.inside) if fisher else {},
             fisher_windows=c.fisher_windows,
             dense_grams=dict(self.inside) if self.kind == "loss" else {},
+            score_windows=c.fisher_windows if SCORE_ON_FISHER_WINDOWS else None,
             scores=self.kind is not None,
         )
 

@@ -35,15 +35,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from eigenpatch.calibration import trainable_only
-from eigenpatch.engine import LayerStep, call_layer, input_groups, paired_grams
+from eigenpatch.engine import LayerStep, call_layer, input_groups, paired_grams, paired_grams_at_once
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.patchers.lowrank.factorize import pair_of_scaled, whitening
+from eigenpatch.patchers.lowrank.factorize import InputScaling, pair_of_scaled, whitening
 from eigenpatch.patchers.targets import replace_module
 
 #: ``lam = DAMP * mean(diag(H'))``: the ridge towards the dense weight (see the module docstring).
 DAMP = 0.1
 #: Adam's learning rate for block-local refinement of the factor pairs.
 REFINE_LR = 1e-4
+#: Batches on which refinement's before / after error is measured (to keep its result or undo it).
+ERROR_BATCHES = 8
+#: Calibration windows per refinement step.
+REFINE_WINDOWS = 4
+#: Statistics of every group of a layer from one forward per stream, with the layer still dense.
+GROUPS_AT_ONCE = False
+
+
+def damped_whitening(gram: torch.Tensor, damp: float = DAMP) -> tuple[InputScaling, float]:
+    """``(R, lam)``: the whitening of ``H' + lam I`` (full rank, so its inverse is exact), shared by
+    every Linear that reads the same input, and the ridge ``lam``."""
+    lam = damp * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    damped = gram.clone()
+    damped.diagonal().add_(lam)
+    return whitening(damped), float(lam)
 
 
 def refit(
@@ -53,18 +68,16 @@ def refit(
     cross: torch.Tensor,
     out_scale: torch.Tensor | None = None,
     damp: float = DAMP,
+    whitened: tuple[InputScaling, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` of rank ``rank`` minimizing the propagated-input objective (module docstring)."""
+    """``(up, down)`` of rank ``rank`` minimizing the propagated-input objective (module docstring);
+    ``whitened``: :func:`damped_whitening` of ``gram``, when the caller already has it."""
     w = weight.detach().to(torch.float64)
-    lam = damp * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    damped = gram.clone()
-    damped.diagonal().add_(lam)
-    scaling = whitening(damped)  # of H' + lam I: full rank, so the inverse is exact
-    del damped
+    scaling, lam = whitened if whitened is not None else damped_whitening(gram, damp)
     # B* R = W (X + lam I) (H' + lam I)^-1 R = W (X + lam I) R^-T, since R R^T = H' + lam I: the
     # factorizer's input, without forming B*, an identity or an inverse of the d x d Gram.
     target = w @ cross
-    target.add_(w, alpha=float(lam))
+    target.add_(w, alpha=lam)
     scaled = target @ scaling.inverse.T
     del target
     return pair_of_scaled(scaled, rank, scaling, out_scale, weight.dtype)
@@ -80,18 +93,18 @@ def refine_layer(step: LayerStep, steps: int, lr: float = REFINE_LR) -> dict[str
     targets = step.dense_outputs()
 
     def error() -> float:
-        return sum(
-            F.mse_loss(call_layer(step.layer, h, kw), t).item()
-            for h, kw, t in zip(step.inputs, step.kwargs, targets, strict=True)
-        ) / len(targets)
+        pairs = list(zip(step.inputs, step.kwargs, targets, strict=True))[:ERROR_BATCHES]
+        return sum(F.mse_loss(call_layer(step.layer, h, kw), t).item() for h, kw, t in pairs) / len(pairs)
 
     before, saved = error(), [p.detach().clone() for p in factors]
     optimizer = torch.optim.Adam(factors, lr=lr)
+    per = REFINE_WINDOWS
     with trainable_only(step.layer, factors), torch.enable_grad():
         for i in range(steps):
-            b = i % len(targets)
-            out = step.layer(step.inputs[b], **step.kwargs[b])
-            loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, targets[b])
+            b, j = divmod(i * per, len(step.inputs[0]))
+            b %= len(targets)
+            out = step.layer(step.inputs[b][j : j + per], **step.kwargs[b])
+            loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, targets[b][j : j + per])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -111,9 +124,13 @@ def factorize_layer(
     damp: float = DAMP,
 ) -> None:
     """Replace each Linear of ``ranks`` (names relative to the layer) in ``step.layer`` by its refitted pair."""
-    for group in input_groups(step, list(ranks)):
-        gram, cross = paired_grams(step, group[0])  # the group shares one input
+    groups = input_groups(step, list(ranks))
+    at_once = paired_grams_at_once(step, [g[0] for g in groups]) if GROUPS_AT_ONCE else {}
+    for group in groups:
+        # the group shares one input, and one whitening
+        gram, cross = at_once[group[0]] if at_once else paired_grams(step, group[0])
+        whitened = damped_whitening(gram, damp)
         for name in group:
             linear: nn.Linear = step.layer.get_submodule(name)
-            up, down = refit(linear.weight, ranks[name], gram, cross, out_scales.get(name), damp)
+            up, down = refit(linear.weight, ranks[name], gram, cross, out_scales.get(name), damp, whitened)
             replace_module(step.layer, name, LowRankLinear.from_factors(up, down, linear.bias))
