@@ -33,7 +33,7 @@ from eigenpatch.format.checkpoint import weights_bytes
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import LowRank, parse_method
 from eigenpatch.patchers.lowrank.cli import DEFAULT_REFINE_STEPS
-from eigenpatch.patchers.lowrank.transform import calibration_stats
+from eigenpatch.patchers.lowrank.oneshot import calibration_stats
 from eigenpatch.patchers.targets import find_linears
 from eigenpatch.recipe import PatchContext, count_parameters
 from eigenpatch.table import fmt_bytes, fmt_count, fmt_float, format_table

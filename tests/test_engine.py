@@ -121,10 +121,10 @@ def scale_transform():
     recipe_module._LAYER_FACTORIES.pop(_Scale.name)
 
 
-def _lowrank() -> LowRank:
+def _lowrank(allocator: str = "loss") -> LowRank:
     attention = ("q_proj", "k_proj", "v_proj", "o_proj")
     return LowRank(
-        ratio=0.5, allocator="loss", factorizer="fwhiten", targets=attention, sequential=True, refine_steps=2,
+        ratio=0.5, allocator=allocator, factorizer="fwhiten", targets=attention, sequential=True, refine_steps=2,
         calib_windows=WINDOWS, calib_seq_len=SEQ_LEN, fisher_windows=2, seed=SEED,
     )  # fmt: skip
 
@@ -139,9 +139,9 @@ def tiny4(tmp_path_factory) -> Path:
     return folder
 
 
-def _run(folder: Path, out: Path, state: Path, scale: _Scale | None = None) -> dict[str, Any]:
+def _run(folder: Path, out: Path, state: Path, scale: _Scale | None = None, allocator: str = "loss") -> dict[str, Any]:
     report, _ = patch_checkpoint(
-        folder, [_lowrank(), scale or _Scale()], out, state_dir=state, device=CPU, dtype=FP32,
+        folder, [_lowrank(allocator), scale or _Scale()], out, state_dir=state, device=CPU, dtype=FP32,
         tokenizer=_Tokens(), calib_text="x", show_progress=False,
     )  # fmt: skip
     return report
@@ -155,8 +155,9 @@ def _stored(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_transforms_share_each_pass_and_run_in_recipe_order(
     tiny4, tmp_path, monkeypatch, scale_transform, score_windows
 ):
-    """Scored on the Fisher's windows, both score inside the Fisher's backward walk (three passes);
-    when one scores on all windows, the scoring gets a pass of its own (four)."""
+    """Both read the Fisher. When every scorer scores on the Fisher's windows, scoring happens inside
+    the Fisher's backward walk (three passes; low-rank with uniform ranks scores nothing); when one
+    scores on all windows (low-rank's ``loss`` ranks do), the scoring gets a pass of its own (four)."""
     loads: list[int] = []
     monkeypatch.setattr(
         CheckpointLayers, "load", lambda self, i, f=CheckpointLayers.load: loads.append(i) or f(self, i)
@@ -169,7 +170,8 @@ def test_two_transforms_share_each_pass_and_run_in_recipe_order(
         states.append(sorted(p.name for p in self.folder.iterdir()))
 
     monkeypatch.setattr(RunState, "save_streams", save_streams)
-    report = _run(tiny4, tmp_path / "out", tmp_path / "state", _Scale(score_windows=score_windows))
+    allocator = "uniform" if score_windows else "loss"
+    report = _run(tiny4, tmp_path / "out", tmp_path / "state", _Scale(score_windows=score_windows), allocator)
     layers = list(range(4))
     # one Fisher pass (forward, then backward), a scoring pass if it cannot join it, one fit pass:
     # each layer once per pass
@@ -185,7 +187,7 @@ def test_two_transforms_share_each_pass_and_run_in_recipe_order(
     assert all(s[2] for s in SEEN if s[0] == "fit")  # low-rank fitted each layer before the scale saw it
     # one run state: one folder beside the output, one run key, one resume point, both plans in it
     assert all(s == ["state"] for s in states[0::2])
-    assert {"run.json", "progress.json", "plan-0-fwhiten.json", "plan-1-scale.json"} <= set(states[1])
+    assert {"run.json", "progress.json", f"plan-0-{allocator}+fwhiten.json", "plan-1-scale.json"} <= set(states[1])
     assert not (tmp_path / "state").exists()  # a finished run leaves nothing to resume
     factors = report["steps"][1]["factors"]
     assert len(factors) == 4 and min(factors) < max(factors) == 1.0

@@ -151,9 +151,9 @@ def test_layer_by_layer_from_the_shards_equals_the_in_memory_patch(checkpoints, 
 
 
 def test_engine_scores_from_the_shards_equal_the_whole_model_statistics(checkpoints, one_thread):
-    """The ``loss`` allocator's inputs (spectra, output scales), scored inside the engine's Fisher
-    pass over layers read from the shards, are those of the one-shot path's whole-model statistics
-    (hooks on one forward, one backward) on the same windows: the Fisher's."""
+    """The ``loss`` allocator's inputs (spectra, output scales), from the engine's Fisher and scoring
+    passes over layers read from the shards, are those of the one-shot path's whole-model statistics
+    (hooks on one forward, one backward)."""
     from eigenpatch.calibration import calibration_windows
     from eigenpatch.engine.passes import plan_transforms
     from eigenpatch.patchers.lowrank.factorize import scaled_spectrum
@@ -168,11 +168,10 @@ def test_engine_scores_from_the_shards_equal_the_whole_model_statistics(checkpoi
     linears = find_linears(model, config.targets)
     windows = calibration_windows(_Tokens(), "x", config.calib_windows, config.calib_seq_len, config.seed)
     stats = calibration_stats(model, linears, config, context)
-    stats.windows = windows[: config.fisher_windows]  # the scores read the Fisher's windows
     source = CheckpointLayers(folder, folder.parent / "unused", device=CPU, dtype=FP32)
     transform = LowRankLayers(source.model, config, PatchContext(show_progress=False))
     passes = plan_transforms(source.model, [transform], windows, source=source, show_progress=False)
-    assert set(passes) == {"fisher + scores"}
+    assert set(passes) == {"fisher", "scores"}
     spectra, scales = transform.spectra, transform.scales
     assert spectra.keys() == scales.keys() == linears.keys()
     for name, linear in linears.items():

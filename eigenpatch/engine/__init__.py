@@ -13,7 +13,7 @@ what is listed in ``__all__`` is the step API. The rest of the core reaches the 
 """
 
 from eigenpatch.engine.state import Plan
-from eigenpatch.engine.stats import Gram, input_groups, paired_grams, paired_grams_at_once
+from eigenpatch.engine.stats import Gram, input_groups, paired_grams
 from eigenpatch.engine.streams import LayerStep, call_layer, layer_prefixes
 from eigenpatch.engine.transform import Calibration, LayerStats, LayerTransform, Needs
 
@@ -29,5 +29,4 @@ __all__ = [
     "input_groups",
     "layer_prefixes",
     "paired_grams",
-    "paired_grams_at_once",
 ]

@@ -4,9 +4,11 @@
 
 1. **Fisher** (if any transform declared ``output_fisher``): the output Fisher of every declared
    module, walked backward one layer at a time (:mod:`eigenpatch.engine.fisher`);
-2. **scores** (if any transform has a score step): one read-only pass over the dense stream; the
-   declared input Grams are accumulated in that pass's one forward per layer, each shared input
-   once, and every transform's score step sees them;
+2. **scores** (if any transform has a score step): the declared input Grams, each shared input
+   once, and every transform's score step on them. When every scorer's Grams read the Fisher's
+   windows, this happens inside the Fisher's backward walk, in the forward each layer's backward
+   step reruns anyway: no pass of its own. Otherwise it is one read-only pass over the dense
+   stream, one forward per layer;
 3. **plan**: each transform's global step, stored in the run state;
 4. **fit**: one pass between the two streams; in each layer, each transform fits in recipe
    order, then both streams advance and the layer is final.

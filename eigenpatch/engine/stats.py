@@ -16,12 +16,12 @@ receives the very same tensor object. Comparing addresses instead would be wrong
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from eigenpatch.engine.streams import LayerStep, _Stop, call_layer
+from eigenpatch.engine.streams import LayerStep, call_layer
 
 
 class Gram:
@@ -111,40 +111,3 @@ def paired_grams(step: LayerStep, module: str) -> tuple[torch.Tensor, torch.Tens
         gram.add(x)
         cross.add(x, dense_x)
     return gram.value, cross.value
-
-
-def paired_grams_at_once(step: LayerStep, modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module: (H', X)}`` for several modules with distinct inputs, in one forward of each stream per
-    batch, where :func:`paired_grams` runs two partial forwards per module. The propagated inputs are
-    those of the layer as it is now (before any of ``modules`` changes); the dense forward advances
-    the dense stream (its outputs become :meth:`LayerStep.dense_outputs`)."""
-    grams = {name: (Gram(), Gram()) for name in modules}
-    propagated: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, x: torch.Tensor) -> None:
-        propagated[name] = x
-        if len(propagated) == len(modules):
-            raise _Stop  # the rest of the layer is not needed
-
-    def pair(name: str, x: torch.Tensor) -> None:
-        gram, cross = grams[name]
-        gram.add(propagated[name])
-        cross.add(propagated[name], x)
-
-    layer_hooks = [
-        step.layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: keep(n, a[0])) for n in modules
-    ]
-    dense_hooks = [
-        step.dense.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: pair(n, a[0])) for n in modules
-    ]
-    try:
-        for h, x, kw in zip(step.dense_in, step.inputs, step.kwargs, strict=True):
-            propagated.clear()
-            with suppress(_Stop):
-                call_layer(step.layer, x, kw)
-            h.copy_(call_layer(step.dense, h, kw))
-        step._dense_out = step._dense_in
-    finally:
-        for handle in layer_hooks + dense_hooks:
-            handle.remove()
-    return {name: (g.value, c.value) for name, (g, c) in grams.items()}

@@ -5,8 +5,8 @@ code compresses a model held in memory and one whose layers are read from its sh
 time. The allocation stays global:
 
 1. *Scores* (the engine's Fisher and scoring passes). ``loss`` ranks read each matrix's output
-   Fisher and its dense input Gram, and keep only the scaled spectrum; ``welore`` reads the
-   weights alone.
+   Fisher and its dense input Gram on all calibration windows, and keep only the scaled spectrum;
+   ``welore`` reads the weights alone.
 2. *Plan*: ranks from all spectra at once, as in the one-shot path; the ranks and the output scales
    are what a resumed run restores.
 3. *Fit*: per layer, factor pairs on propagated inputs (:mod:`.propagate`) for whitening
@@ -31,17 +31,13 @@ from eigenpatch.patchers.lowrank.ranks import ALLOCATORS, Ranks, rank_details
 from eigenpatch.patchers.targets import find_linears, replace_module
 from eigenpatch.recipe import PatchContext
 
-#: The scoring statistics (output Fisher and the input Grams of the spectra) read the same
-#: ``fisher_windows`` windows; the fit reads all ``calib_windows``.
-SCORE_ON_FISHER_WINDOWS = True
-
 
 class LowRankLayers(LayerTransform):
     """``LowRank`` as the engine runs it (see the module docstring)."""
 
     def __init__(self, model: nn.Module, config: LowRank, context: PatchContext) -> None:
         self.model, self.config, self.context = model, config, context
-        self.name = config.factorizer if config.name == "lowrank" else config.name
+        self.name = f"{config.allocator}+{config.factorizer}" if config.name == "lowrank" else config.name
         self.shapes = {n: tuple(lin.weight.shape) for n, lin in find_linears(model, config.targets).items()}
         prefixes = layer_prefixes(model)
         self.inside: dict[int, list[str]] = defaultdict(list)
@@ -77,8 +73,11 @@ class LowRankLayers(LayerTransform):
             output_fisher=dict(self.inside) if fisher else {},
             fisher_windows=c.fisher_windows,
             dense_grams=dict(self.inside) if self.kind == "loss" else {},
-            score_windows=c.fisher_windows if SCORE_ON_FISHER_WINDOWS else None,
-            scores=self.kind is not None,
+            # ``loss`` spectra read input Grams on all windows: on the Fisher's 32 only (scored inside
+            # its pass, 3 min faster) README command 1 lost 11-13 % perplexity (docs/compression.md).
+            # Without them the score step reads the Fisher alone, inside its pass.
+            score_windows=None if self.kind == "loss" else c.fisher_windows,
+            scores=self.kind is not None or fisher,  # fwhiten's output scales come from the Fisher
         )
 
     @property
@@ -89,6 +88,8 @@ class LowRankLayers(LayerTransform):
         for name, fisher in stats.fisher.items():
             if name.startswith(step.prefix) and name.removeprefix(step.prefix) in self.inside.get(step.index, ()):
                 self.scales[name] = output_weighting(fisher)
+        if self.kind is None:
+            return  # uniform ranks read no spectrum
         roots: dict[str, Any] = {}  # one eigendecomposition per shared input
         for name in self.inside.get(step.index, []):
             full = step.prefix + name
