@@ -73,7 +73,7 @@ def _covariances(
     )
     linears = {n: model.get_submodule(n) for n in names}
     covs = collect_input_covariances(model, linears, windows, show_progress=context.show_progress)
-    return {n: covs[n].gram for n in names}
+    return {n: covs[n].value for n in names}
 
 
 def _structure_one(
