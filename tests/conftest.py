@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,24 @@ def assert_onnx_parity_and_effect(model_dir: Path, tokenizer, out: Path, baselin
         shift = (loaded(torch.tensor([ids])).logits - baseline(torch.tensor([ids])).logits).abs().max()
     assert shift > 1e-3
     assert OnnxCausalLM(out).generate(ids, max_new_tokens=16) == reference.tolist()
+
+
+@contextmanager
+def killed_after_layer(monkeypatch: pytest.MonkeyPatch, layers: int) -> Iterator[None]:
+    """The layer-by-layer run inside the block is killed (``KeyboardInterrupt``) right after its
+    state has saved the streams of its first ``layers`` layers, as Ctrl-C would."""
+    from eigenpatch.engine.state import RunState
+
+    original = RunState.save_streams
+
+    def killed(self, next_layer, *args, **kwargs):
+        original(self, next_layer, *args, **kwargs)
+        if next_layer == layers:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunState, "save_streams", killed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(RunState, "save_streams", original)

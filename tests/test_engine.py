@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, make_tiny
+from conftest import TINY_VOCAB, killed_after_layer, make_tiny
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -201,19 +201,10 @@ def test_a_run_of_two_transforms_killed_after_layer_1_resumes_to_the_same_tensor
     torch.set_num_threads(1)  # two runs compared bit for bit: one BLAS summation order
     try:
         _run(tiny4, tmp_path / "reference", tmp_path / "state-ref")
-        original = RunState.save_streams
-
-        def killed_after_layer_1(self, next_layer, *args, **kwargs):
-            original(self, next_layer, *args, **kwargs)
-            if next_layer == 2:
-                raise KeyboardInterrupt
-
         out, state = tmp_path / "out", tmp_path / "state"
-        monkeypatch.setattr(RunState, "save_streams", killed_after_layer_1)
-        with pytest.raises(KeyboardInterrupt):
+        with killed_after_layer(monkeypatch, 2):
             _run(tiny4, out, state)
         assert not out.exists() and json.loads((state / "progress.json").read_text())["next"] == 2
-        monkeypatch.setattr(RunState, "save_streams", original)
         SEEN.clear()
         report = _run(tiny4, out, state)
     finally:

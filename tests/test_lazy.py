@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, make_tiny
+from conftest import TINY_VOCAB, killed_after_layer, make_tiny
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +17,6 @@ import eigenpatch
 from eigenpatch.cli import patch_model_main
 from eigenpatch.engine.fisher import stream_output_fisher
 from eigenpatch.engine.shards import CheckpointLayers
-from eigenpatch.engine.state import RunState
 from eigenpatch.engine.streams import layer_prefix
 from eigenpatch.errors import EXIT_USAGE, UsageError
 from eigenpatch.out_of_core import INDEX_FILE, patch_checkpoint
@@ -208,19 +207,10 @@ def test_a_killed_run_resumes_after_its_last_finished_layer(tmp_path, monkeypatc
     recipe = [_sequential()]
     _, reference = _lazy(folder, recipe, tmp_path / "reference", tmp_path / "state-ref")
 
-    original = RunState.save_streams
-
-    def killed_after_layer_1(self, next_layer, *args, **kwargs):
-        original(self, next_layer, *args, **kwargs)
-        if next_layer == 2:
-            raise KeyboardInterrupt
-
     out, state = tmp_path / "out", tmp_path / "state"
-    monkeypatch.setattr(RunState, "save_streams", killed_after_layer_1)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_layer(monkeypatch, 2):
         _lazy(folder, recipe, out, state)
     assert not out.exists() and (state / "shards").is_dir()
-    monkeypatch.setattr(RunState, "save_streams", original)
     loads = []
     monkeypatch.setattr(
         CheckpointLayers, "load", lambda self, i, f=CheckpointLayers.load: loads.append(i) or f(self, i)
