@@ -104,7 +104,8 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
             p.requires_grad_(flag)
 
 
-def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``windows`` in consecutive batches of ``batch_size`` (the last may be smaller)."""
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
@@ -123,6 +124,8 @@ def collect_input_covariances(
     body = model.base_model  # the decoder stack: the lm_head's logits are not needed here
     device = next(model.parameters()).device
     with shared.watch(model):
-        for batch in tqdm(_batches(windows, batch_size), desc="calibration", unit="batch", disable=not show_progress):
+        for batch in tqdm(
+            window_batches(windows, batch_size), desc="calibration", unit="batch", disable=not show_progress
+        ):
             body(input_ids=batch.to(device), use_cache=False)
     return {name: grams[leader] for name, leader in shared.leader.items()}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from eigenpatch.calibration import calibration_windows, collect_input_covariances, trainable_only
+from eigenpatch.calibration import calibration_windows, collect_input_covariances, trainable_only, window_batches
 from eigenpatch.errors import UsageError
 from eigenpatch.patchers.lowrank.config import LowRank
 from eigenpatch.patchers.lowrank.factorize import InputScaling, fisher_weighting, output_weighting, whitening
@@ -30,10 +30,6 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
 class CalibrationStats:
@@ -156,7 +152,7 @@ def collect_output_fisher(
     handles = [lin.register_forward_hook(hook_for(name)) for name, lin in linears.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(grad_from_embeddings))
     device = next(model.parameters()).device
-    batches = tqdm(_batches(windows, batch_size), desc="output fisher", unit="batch", disable=not show_progress)
+    batches = tqdm(window_batches(windows, batch_size), desc="output fisher", unit="batch", disable=not show_progress)
     with trainable_only(model, []), _hooks(handles):
         for batch in batches:
             batch = batch.to(device)
