@@ -6,12 +6,14 @@
 ``--parts`` times the pieces a fit layer is made of (layer 3, README command 1's 128 x 512 windows):
 whole and partial forwards, input Grams, decompositions, refinement steps.
 
-``--variants STEPS,LR,ERROR_BATCHES ...`` plans once on the whole model (R = 0.5, ``loss+fwhiten``,
+``--variants STEPS,LR,ERROR_BATCHES[,bf16] ...`` plans once on the whole model (R = 0.5, ``loss+fwhiten``,
 the engine's Fisher pass with its scores), then for each variant fits only the first ``--layers``
 layers (the rest stay dense) with that many refinement steps, that learning rate, and the
-refinement's before / after error on that many batches, and reports the fit's seconds per layer
-and the whole model's perplexity on both eval texts. A proxy: an 8-layer fit takes minutes where
-the whole model takes half an hour, and a knob that hurts 8 layers hurts 30. The dense model is
+refinement's before / after error on that many batches (``bf16``: the whole fit under CPU bf16
+autocast, every forward and the refinement's backward; Grams and decompositions stay fp32 / fp64),
+and reports the fit's seconds per layer and the whole model's perplexity on both eval texts. A
+proxy: an 8-layer fit takes minutes where the whole model takes half an hour, and a knob that hurts
+8 layers hurts 30. The dense model is
 in the same table. Writes ``bench/results/fit_knobs.json``.
 """
 
@@ -114,14 +116,15 @@ def variants(windows: torch.Tensor, texts: dict[str, torch.Tensor], layers: int,
     print(f"plan: {passes}, {time.perf_counter() - start:.1f} s", flush=True)
     plan = Plan({"ranks": planner.ranks}, dict(planner.scales))
     for spec in specs:
-        steps, lr, error_batches = spec.split(",")
+        steps, lr, error_batches, *flags = spec.split(",")
         propagate.ERROR_BATCHES = int(error_batches)
         model, _, _ = load_model(MODEL)
         variant = LowRank(**{**config.__dict__, "refine_steps": int(steps), "refine_lr": float(lr)})
         fit = LowRankLayers(model, variant, PatchContext(show_progress=False))
         fit.restore(plan)
         start = time.perf_counter()
-        walked = run_layers(model, windows, fit.fit, source=_FirstLayers(model, layers), show_progress=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in flags):
+            walked = run_layers(model, windows, fit.fit, source=_FirstLayers(model, layers), show_progress=False)
         row = {
             "variant": spec,
             "fit_seconds_per_layer": round((time.perf_counter() - start) / layers, 1),
@@ -136,7 +139,7 @@ def variants(windows: torch.Tensor, texts: dict[str, torch.Tensor], layers: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", action="store_true", help="time the parts of one layer's fit")
-    parser.add_argument("--variants", nargs="*", default=[], metavar="STEPS,LR,ERROR_BATCHES")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="STEPS,LR,ERROR_BATCHES[,bf16]")
     parser.add_argument("--layers", type=int, default=8, help="layers fitted per variant")
     parser.add_argument("--max-tokens", type=int, default=4096, help="eval tokens per text")
     parser.add_argument("--out", type=Path, default=RESULTS / "fit_knobs.json")

@@ -192,8 +192,14 @@ def recipe_of(folder: str | Path) -> list[TransformConfig]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (a tied embedding / lm_head counts once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Unique parameters (a tied embedding / lm_head counts once); a quantized Linear counts the
+    weights its codes stand for (its bytes are in the report's ``weights_bytes``)."""
+    from eigenpatch.format.quantized import QuantizedLinear
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    stored = {id(p) for m in quantized for p in (m.qweight, m.scales, m.zeros)}
+    logical = sum(m.in_features * m.out_features for m in quantized)
+    return logical + sum(p.numel() for p in model.parameters() if id(p) not in stored)
 
 
 def patch(

@@ -50,8 +50,10 @@ from eigenpatch.export.precision import (
     replace_graph,
 )
 from eigenpatch.export.runtime import META_FILE, MODEL_FILE, OnnxCausalLM
+from eigenpatch.export.stored import dequantized_linears, map_stored, quantized_modules
 from eigenpatch.export.tensorrt import TensorRTFailed, build_engine, tensorrt_unavailable
 from eigenpatch.format.interventions import token_identities_removed
+from eigenpatch.format.quantized import reference_parameter
 from eigenpatch.format.structured import structured_form
 
 #: fp32 parity bound on logits (issue: <= 1e-3; ~1e-4 is typical for a 135M model).
@@ -100,7 +102,7 @@ def trace(
 ) -> None:
     """Trace ``KVCacheDecoder(model)`` with dynamic batch/sequence/past and save it with external data."""
     _, kv_heads, head_dim = _shapes(model.config)
-    dtype = next(model.parameters()).dtype
+    dtype = reference_parameter(model).dtype
     vocab = model.config.get_text_config().vocab_size
     batch, seq, past_len = 2, 5, 3
     gen = torch.Generator().manual_seed(0)
@@ -186,10 +188,13 @@ def export_onnx(
     """
     if precision not in ("float32", *PRECISIONS):
         raise UsageError(f"unknown precision {precision!r}; choose float32, {', '.join(PRECISIONS)}")
+    if precision == "float16" and quantized_modules(model):
+        raise UsageError("a quantized checkpoint exports in float32 (its Linears run as MatMulNBits), not float16")
     check_block(block)
     if tensorrt and (reason := tensorrt_unavailable()) is not None:
         raise UsageError(reason)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
+    stored = {id(t) for m in quantized_modules(model).values() for t in (m.qweight, m.scales, m.zeros)}
+    if any(p.dtype != torch.float32 for p in model.parameters() if id(p) not in stored):
         raise UsageError("ONNX export (and its fp32 parity check) needs the model loaded in float32")
     model.eval()
     num_layers, kv_heads, head_dim = _shapes(model.config)
@@ -198,8 +203,10 @@ def export_onnx(
     vocab = model.config.get_text_config().vocab_size
     with atomic_output_dir(output, force) as tmp:
         start = time.perf_counter()
-        trace(model, tmp / MODEL_FILE, past_names, present_names, opset)
+        with dequantized_linears(model) as codes:  # stored quantized Linears: traced as their fp32 weights
+            trace(model, tmp / MODEL_FILE, past_names, present_names, opset)
         fused = {} if portable or tensorrt else fuse_norms(tmp / MODEL_FILE)
+        mapped = map_stored(tmp, MODEL_FILE, codes) if codes else None  # ... then read from their codes
         meta: dict[str, Any] = {
             "format": 1,
             "dtype": "float32",
@@ -213,6 +220,7 @@ def export_onnx(
             "past_names": past_names,
             "past_shape": ["batch", kv_heads, "past_sequence", head_dim],
             "fused": fused,  # ONNX Runtime ops the graph's norms became ({} : standard ONNX ops only)
+            "stored_quantized": mapped,  # the checkpoint's quantized Linears, as MatMulNBits on their codes
             "export_seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from eigenpatch.export.nbits import BlockQuant, quantize_gptq, quantize_rtn
+from eigenpatch.quantizer import BlockQuant, quantize_gptq, quantize_rtn
 
 MS_DOMAIN = "com.microsoft"
 
@@ -225,8 +225,6 @@ def rewrite(folder: Path, model_file: str, recipe: Recipe, windows: np.ndarray |
     import onnx
     from onnx import helper, numpy_helper
 
-    from eigenpatch.export.precision import replace_graph
-
     model = onnx.load(str(folder / model_file), load_external_data=False)
     graph = model.graph
     initializers = {t.name: numpy_helper.to_array(t, base_dir=str(folder)) for t in graph.initializer}
@@ -287,17 +285,36 @@ def rewrite(folder: Path, model_file: str, recipe: Recipe, windows: np.ndarray |
             replaced[id(head_target.node)] = [reshape, node]
     else:
         done["embedding"] = "fp32"
+    save_rewritten(model, replaced, initializers, folder, model_file, f"int{recipe.bits}")
+    return done
+
+
+def save_rewritten(
+    model: Any,
+    replaced: dict[int, list[Any]],
+    initializers: dict[str, np.ndarray],
+    folder: Path,
+    model_file: str,
+    stage: str,
+) -> None:
+    """Put ``replaced[id(node)]`` in place of each such node of ``model``'s graph, drop what nothing
+    reads any more, and swap the result in for ``folder / model_file`` (written to ``stage`` first)."""
+    import onnx
+    from onnx import helper
+
+    from eigenpatch.export.precision import replace_graph
+
+    graph = model.graph
     nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(prune(nodes, {o.name for o in graph.output}))
-    _keep_used_initializers(graph, initializers)
+    keep_used_initializers(graph, initializers)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    staging = folder / f"int{recipe.bits}"
+    staging = folder / stage
     staging.mkdir()
     onnx.save(model, str(staging / model_file), save_as_external_data=True, location=f"{model_file}.data")
     replace_graph(folder, staging)
-    return done
 
 
 def prune(nodes: list[Any], outputs: set[str]) -> list[Any]:
@@ -311,7 +328,7 @@ def prune(nodes: list[Any], outputs: set[str]) -> list[Any]:
         nodes = kept
 
 
-def _keep_used_initializers(graph: Any, initializers: dict[str, np.ndarray]) -> None:
+def keep_used_initializers(graph: Any, initializers: dict[str, np.ndarray]) -> None:
     """Drop initializers nothing reads; load the kept external ones so that they are re-saved."""
     from onnx import TensorProto, numpy_helper
 

@@ -10,10 +10,11 @@ Imported as ``eigenpatch.patchers`` (setuptools maps this folder there); never i
 bare ``patchers``, which would create a second copy of every class.
 """
 
-from eigenpatch.patchers import eigenshield, heal, lowrank, snap, steer, structured_ffn, sts
+from eigenpatch.patchers import eigenshield, heal, lowrank, quantize, snap, steer, structured_ffn, sts
 from eigenpatch.patchers.eigenshield import EigenShield
 from eigenpatch.patchers.heal import Heal
 from eigenpatch.patchers.lowrank import SVD, LowRank, parse_method
+from eigenpatch.patchers.quantize import Quantize
 from eigenpatch.patchers.snap import Snap
 from eigenpatch.patchers.steer import Steer
 from eigenpatch.patchers.structured_ffn import StructuredFFN
@@ -23,6 +24,7 @@ __all__ = [
     "EigenShield",
     "Heal",
     "LowRank",
+    "Quantize",
     "Snap",
     "Steer",
     "StructuredFFN",
@@ -30,6 +32,7 @@ __all__ = [
     "heal",
     "lowrank",
     "parse_method",
+    "quantize",
     "snap",
     "steer",
     "structured_ffn",

@@ -90,3 +90,31 @@ def local_block_module(spec: dict[str, Any], column: bool, tp_size: int, dtype: 
     if column:
         return BlockShuffleLinear(i, o // tp_size, s, b, out_blocks=b // tp_size, dtype=dtype)
     return BlockShuffleLinear(i // tp_size, o, s, b // tp_size, out_blocks=b, dtype=dtype)
+
+
+# -- quantized Linears: codes, scales and zero points sliced like the weight they stand for ------
+# Column slots take whole output rows of all three. Row slots take whole groups of input columns
+# (so a rank's slice is itself a valid quantized Linear): the codes are a byte range (a group
+# fills whole bytes), the scales a column range, and the zero points, packed along the groups,
+# are unpacked and repacked when the slice does not start on a byte.
+
+
+def slice_quantized(pname: str, tensor: Any, spec: dict[str, Any], column: bool, start: int, length: int) -> Any:
+    """One rank's part of ``qweight`` / ``scales`` / ``zeros``: output rows ``start:+length``
+    (column slot) or input columns ``start:+length`` (row slot, whole groups)."""
+    from eigenpatch.format.quantized import pack, unpack
+
+    if column:
+        return tensor.narrow(0, start, length)
+    group, bits, k = spec["group"], spec["bits"], spec["in_features"]
+    if start % group or length % group or k % group:
+        raise ValueError(
+            f"eigenpatch: a quantized row-parallel slice {start}:+{length} of {k} inputs must be whole "
+            f"groups of {group}; use a tensor parallel size that divides the groups"
+        )
+    g0, groups = start // group, length // group
+    if pname == "qweight":
+        return tensor.narrow(1, start * bits // 8, length * bits // 8)
+    if pname == "scales":
+        return tensor.narrow(1, g0, groups)
+    return pack(unpack(tensor, bits, k // group).narrow(1, g0, groups), bits)

@@ -48,7 +48,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.platforms import current_platform
 
-from eigenpatch.format import BLOCK_KINDS, DOWN_NAME, FACTOR_KINDS, FORMAT_VERSION, LAYER_KINDS, UP_NAME
+from eigenpatch.format import BLOCK_KINDS, DOWN_NAME, FACTOR_KINDS, FORMAT_VERSION, LAYER_KINDS, QUANTIZED, UP_NAME
 from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns
 
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
@@ -316,6 +316,10 @@ class EigenpatchVllmConfig(QuantizationConfig):
             from eigenpatch.serving.vllm_structured import BlockLinearMethod
 
             return BlockLinearMethod(names, specs)
+        if kinds == {QUANTIZED}:
+            from eigenpatch.serving.vllm_quantized import QuantizedLinearMethod
+
+            return QuantizedLinearMethod(names, specs)
         if not kinds <= {"dense", *FACTOR_KINDS}:
             raise ValueError(f"eigenpatch: {prefix} fuses {sorted(kinds)} layers; vLLM cannot run them as one layer")
         if any(spec and spec.get("down_from") and spec["down_from"] not in names for spec in specs):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eigenpatch.export.nbits import quantize_gptq, quantize_rtn
+from eigenpatch.quantizer import quantize_gptq, quantize_rtn
 
 pytest.importorskip("onnxruntime")
 

@@ -89,3 +89,32 @@ def test_blocks_not_divisible_by_tp_are_refused():
 
     with pytest.raises(ValueError, match="not divisible by tensor parallel size 4"):
         local_block_module({"kind": "blockdense", "blocks": 2, "in_features": 8, "out_features": 8, "rank": 4}, True, 4)
+
+
+@pytest.mark.parametrize(("tp", "bits"), [(2, 4), (4, 4), (2, 2), (3, 8)])
+def test_quantized_shards_are_quantized_linears_that_recombine_to_the_full_output(tp, bits):
+    """Column slots by output rows concatenate; row slots by whole groups (zero points repacked
+    when a rank's first group is not on a byte) sum to the unsharded layer's output."""
+    from eigenpatch.format.quantized import QuantizedLinear
+    from eigenpatch.quantizer import quantize_rtn
+    from eigenpatch.serving.sharding import slice_quantized
+
+    out, inp, group = 48, 16 * 3 * 4, 16  # 12 groups: split by 2, 3 and 4 ranks
+    full = quantize_rtn(torch.randn(out, inp), bits, group, fp16_scales=True).module()
+    spec = full.spec()
+    stored = {name: getattr(full, name).data for name in ("qweight", "scales", "zeros")}
+    x = torch.randn(3, inp)
+    expected = full(x)
+
+    def local(column: bool, start: int, length: int) -> QuantizedLinear:
+        shape = (inp, length) if column else (length, out)
+        module = QuantizedLinear(*shape, bits, group)
+        for name, tensor in stored.items():
+            getattr(module, name).data = slice_quantized(name, tensor, spec, column, start, length)
+        return module
+
+    columns = [local(True, *column_shard_rows(out, out // tp, r)) for r in range(tp)]
+    torch.testing.assert_close(torch.cat([m(x) for m in columns], -1), expected)
+    rows = [(row_shard_columns(inp, inp // tp, r), r) for r in range(tp)]
+    partial = sum(local(False, s, n)(x[:, s : s + n]) for (s, n), _ in rows)
+    torch.testing.assert_close(partial, expected, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,9 @@ from eigenpatch.format.verify import CheckpointError
 
 FACTOR = "model.layers.0.mlp.down_proj.lowrank_up"
 SHIFT = "model.layers.1.steer_out.vector"
+CODES = "model.layers.1.self_attn.q_proj.qweight"
+SCALES = "model.layers.0.self_attn.o_proj.scales"
+QLAYER = "model.layers.0.self_attn.k_proj"
 
 
 def _drop(w: dict, name: str) -> None:
@@ -35,6 +38,10 @@ def _narrow(w: dict, name: str) -> None:
     w[name] = w[name][..., :-1].contiguous()
 
 
+def _three_bits(c: dict) -> None:
+    c["quantization_config"]["layers"][QLAYER]["bits"] = 3
+
+
 def _extra_layer(c: dict) -> None:
     layers = c["quantization_config"]["layers"]
     layers["model.layers.99.mlp.up_proj"] = layers["model.layers.0.mlp.up_proj"]
@@ -46,22 +53,28 @@ DAMAGE = {
     "nan factor": (lambda w: _nan(w, FACTOR), None, FACTOR),
     "nan steering shift": (lambda w: _nan(w, SHIFT), None, SHIFT),
     "misshapen factor": (lambda w: _narrow(w, FACTOR), None, FACTOR),
+    "missing codes": (lambda w: _drop(w, CODES), None, CODES),
+    "misshapen codes": (lambda w: _narrow(w, CODES), None, CODES),
+    "nan scale": (lambda w: _nan(w, SCALES), None, SCALES),
+    "unstorable bit width": (None, _three_bits, QLAYER),
     "layer that does not exist": (None, _extra_layer, "model.layers.99.mlp.up_proj"),
 }
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny Llama with factor pairs and a steering shift (tensors of two kinds to damage)."""
+    """A tiny Llama with factor pairs, quantized Linears and a steering shift (tensors of three kinds to damage)."""
     from conftest import make_tiny
 
     from eigenpatch.format.steering import SteeringVectors
-    from eigenpatch.patchers import SVD, Steer
+    from eigenpatch.patchers import SVD, Quantize, Steer
 
     model = make_tiny("llama")
     folder = tmp_path_factory.mktemp("verify")
     vec = SteeringVectors({1: torch.ones(128)}).save(folder / "v.safetensors")
-    eigenpatch.patch(model, [SVD(ratio=0.5), Steer(vectors=str(vec))], show_progress=False)
+    mlp, attention = ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
+    recipe = [SVD(ratio=0.5, targets=mlp), Quantize(method="rtn", group=32, targets=attention), Steer(vectors=str(vec))]
+    eigenpatch.patch(model, recipe, show_progress=False)
     return eigenpatch.save(model, folder / "good", tokenizer=tiny_tokenizer)
 
 

@@ -7,7 +7,8 @@ ONNX). Runtimes import this package and never a transform. ``docs/FORMAT.md`` de
 people; each constant below is defined here once and nowhere else.
 
 - :mod:`~eigenpatch.format.lowrank`, :mod:`~eigenpatch.format.structured`,
-  :mod:`~eigenpatch.format.interventions`: the modules a checkpoint stores;
+  :mod:`~eigenpatch.format.quantized`, :mod:`~eigenpatch.format.interventions`: the modules a
+  checkpoint stores;
 - :mod:`~eigenpatch.format.steering`: the steering-vector file and its fingerprint;
 - :mod:`~eigenpatch.format.checkpoint`: ``quantization_config``, the transformers quantizer,
   :func:`~eigenpatch.format.checkpoint.save` / :func:`~eigenpatch.format.checkpoint.load`.
@@ -36,12 +37,14 @@ LOWRANK = "lowrank"
 LOWRANK_SHARED = "lowrank_shared"
 BLOCKDENSE = "blockdense"
 BLOCKSHUFFLE = "blockshuffle"
+#: A Linear stored as group-wise integer codes (:mod:`eigenpatch.format.quantized`).
+QUANTIZED = "quantized"
 #: Kinds whose forward is ``up (down x)``: vLLM runs them through the factor-pair linear method.
 FACTOR_KINDS = (LOWRANK, LOWRANK_SHARED)
 #: Kinds with block-diagonal stages: vLLM runs them through the block linear method.
 BLOCK_KINDS = (BLOCKDENSE, BLOCKSHUFFLE)
 STRUCTURED_KINDS = (LOWRANK_SHARED, BLOCKDENSE, BLOCKSHUFFLE)
-LAYER_KINDS = (LOWRANK, *STRUCTURED_KINDS)
+LAYER_KINDS = (LOWRANK, *STRUCTURED_KINDS, QUANTIZED)
 
 # -- intervention kinds (``quantization_config.interventions[name]["kind"]``) --------------------
 PROJECT = "project"
@@ -61,6 +64,7 @@ TENSORS: dict[str, tuple[str, ...]] = {
     LOWRANK_SHARED: (DOWN_NAME, UP_NAME),
     BLOCKDENSE: ("block_down", "block_up"),
     BLOCKSHUFFLE: ("shuffle_in", "shuffle_out"),
+    QUANTIZED: ("qweight", "scales", "zeros"),
     PROJECT: ("center", "basis_in", "basis_out"),
     SHIFT: ("vector",),
     SNAP: (),  # reads the model's own embedding table

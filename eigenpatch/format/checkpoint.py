@@ -29,9 +29,18 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from eigenpatch.atomic import atomic_output_dir
 from eigenpatch.errors import UsageError
-from eigenpatch.format import FORMAT_VERSION, INTERVENTION_KINDS, LAYER_KINDS, LOWRANK, QUANT_METHOD, REPORT_FILE
+from eigenpatch.format import (
+    FORMAT_VERSION,
+    INTERVENTION_KINDS,
+    LAYER_KINDS,
+    LOWRANK,
+    QUANT_METHOD,
+    QUANTIZED,
+    REPORT_FILE,
+)
 from eigenpatch.format.interventions import Intervention, build_interventions, intervention_specs
 from eigenpatch.format.lowrank import LowRankLinear
+from eigenpatch.format.quantized import QuantizedLinear
 from eigenpatch.format.structured import StructuredLinear, module_from_spec, premerge_enabled_by_env, set_premerge
 from eigenpatch.format.verify import (
     REBUILD,
@@ -45,7 +54,7 @@ from eigenpatch.format.verify import (
 )
 
 #: Modules whose tensors the format adds (and :mod:`eigenpatch.format.verify` checks).
-FORMAT_MODULES = (LowRankLinear, StructuredLinear, Intervention)
+FORMAT_MODULES = (LowRankLinear, StructuredLinear, QuantizedLinear, Intervention)
 
 
 class EigenpatchConfig(QuantizationConfigMixin):
@@ -100,7 +109,7 @@ class EigenpatchConfig(QuantizationConfigMixin):
 
 def layer_spec(module: nn.Module) -> dict[str, Any] | None:
     """The ``layers`` entry that rebuilds ``module``'s shapes (None: not a module the format stores)."""
-    if isinstance(module, StructuredLinear):
+    if isinstance(module, (StructuredLinear, QuantizedLinear)):
         return module.spec()
     if not isinstance(module, LowRankLinear):
         return None
@@ -140,9 +149,23 @@ def build_patched_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -
         kw = {"device": old.weight.device, "dtype": old.weight.dtype}
         if spec["kind"] == LOWRANK:
             new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], **kw)
+        elif spec["kind"] == QUANTIZED:
+            new = quantized_from_spec(name, spec, kw)
         else:
             new = module_from_spec(spec, model, kw)
         setattr(parent, child, new)
+
+
+def quantized_from_spec(name: str, spec: dict[str, Any], kw: dict[str, Any]) -> QuantizedLinear:
+    """An empty :class:`QuantizedLinear` of the stored shape; a width or group it cannot hold is refused."""
+    try:
+        return QuantizedLinear(
+            spec["in_features"], spec["out_features"], spec["bits"], spec["group"], spec["bias"], **kw
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"quantization_config.layers[{name!r}] is not a valid quantized Linear ({exc}); {REBUILD}"
+        ) from None
 
 
 class EigenpatchHfQuantizer(HfQuantizer):
@@ -165,6 +188,9 @@ class EigenpatchHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         names = getattr(self, "_format_names", None) or format_tensor_names(model, FORMAT_MODULES)
         check_finite_in_model(model, names, getattr(self, "_source", "the model"))
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):  # the loader makes every float tensor trainable
+                module.scales.requires_grad_(False)
         if premerge_enabled_by_env():
             set_premerge(model)  # merged dense copies of structured layers, for few-token calls
 

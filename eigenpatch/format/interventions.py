@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eigenpatch.format import HOOKS, PROJECT, SHIFT, SNAP, TOKEN_IDENTITY_KINDS
+from eigenpatch.format.quantized import reference_parameter
 from eigenpatch.format.snap import snap_rows
 
 PROJECT_MODES = ("keep", "drop")
@@ -354,7 +355,7 @@ def build_interventions(
             layer = model.get_submodule(layer_name)
         except AttributeError:
             raise ValueError(f"intervention {name!r} names no module of this model") from None
-        ref = next(layer.parameters(), None)
+        ref = reference_parameter(layer)
         if ref is None:
             continue
         module = classes[kind].from_spec(spec, device=ref.device, dtype=ref.dtype)

@@ -114,4 +114,5 @@ class SVD(LowRank):
 
     @classmethod
     def example(cls, workdir: Path, model: nn.Module) -> list[TransformConfig]:
-        return [cls()]
+        """The FFN's factor pairs (the attention is the ``lowrank`` and ``quantize`` examples')."""
+        return [cls(targets=("gate_proj", "up_proj", "down_proj"))]

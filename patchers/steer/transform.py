@@ -24,6 +24,7 @@ from torch import nn
 
 from eigenpatch.errors import UsageError
 from eigenpatch.format.interventions import HiddenShift, attach, decoder_layers
+from eigenpatch.format.quantized import reference_parameter
 from eigenpatch.format.steering import SteeringVectors
 from eigenpatch.patchers.steer.config import Steer
 from eigenpatch.patchers.steer.vectors import parse_layers
@@ -50,7 +51,7 @@ def apply_steer(model: nn.Module, config: Steer, context: PatchContext) -> Trans
     norms = {}
     for index in chosen:
         layer = blocks[index]
-        ref = next(layer.parameters())
+        ref = reference_parameter(layer)
         shift = config.strength * vectors.vectors[index].to(ref.device, torch.float64)
         old = getattr(layer, "steer_out", None)
         if isinstance(old, HiddenShift) and old.start == config.start:

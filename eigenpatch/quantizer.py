@@ -1,4 +1,9 @@
-"""Block-wise N-bit weights: round-to-nearest and GPTQ, packed the way ONNX Runtime reads them.
+"""Block-wise N-bit weights: round-to-nearest and GPTQ, the one quantizer of eigenpatch.
+
+The ``quantize`` transform (``patchers/quantize``) stores its results as quantized Linears
+(:mod:`eigenpatch.format.quantized`, whose bytes these are), and ``eigenpatch export --weights
+int4`` rounds an unquantized graph with the same functions: it lives in the core so that both
+can use it (a runtime never imports a transform).
 
 A weight ``W [N, K]`` (N outputs, K inputs) is cut into blocks of ``block`` consecutive inputs per
 output; each block stores ``bits``-bit codes with one fp32 scale and one zero point, and means
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from eigenpatch.format.quantized import QuantizedLinear, pack, unpack
+
 #: Columns GPTQ rounds before it propagates their error to the rest in one product (the paper's B).
 GPTQ_CHUNK = 128
 #: Dampening added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned
@@ -28,6 +35,10 @@ GPTQ_CHUNK = 128
 GPTQ_DAMP = 0.01
 #: Fractions of a block's min/max range tried by the grid search.
 GRID_SHRINKS = tuple(1.0 - 0.025 * i for i in range(11))
+
+
+#: fp16's smallest normal number: a stored scale below it would lose its mantissa.
+FP16_TINY = float(torch.finfo(torch.float16).tiny)
 
 
 @dataclass
@@ -51,42 +62,69 @@ class BlockQuant:
         """``[N, k_blocks, block * bits / 8]`` uint8: ``MatMulNBits``' B (and, reshaped to
         ``[N, K_pad * bits / 8]``, ``GatherBlockQuantized``'s data)."""
         n, k_blocks = self.scales.shape
-        return pack(self.codes, self.bits).reshape(n, k_blocks, self.block * self.bits // 8)
+        return pack_np(self.codes, self.bits).reshape(n, k_blocks, self.block * self.bits // 8)
 
     def packed_zeros(self) -> np.ndarray:
         """``[N, ceil(k_blocks * bits / 8)]`` uint8, packed like the codes."""
-        return pack(self.zeros, self.bits)
+        return pack_np(self.zeros, self.bits)
+
+    @classmethod
+    def of_module(cls, module: QuantizedLinear) -> BlockQuant:
+        """The codes a stored quantized Linear holds (the export maps them without rounding again)."""
+        groups = module.scales.shape[1]
+        return cls(
+            codes=unpack(module.qweight.detach().cpu(), module.bits, groups * module.group).numpy(),
+            scales=module.scales.detach().cpu().float().numpy(),
+            zeros=unpack(module.zeros.detach().cpu(), module.bits, groups).numpy(),
+            bits=module.bits,
+            block=module.group,
+            k=module.in_features,
+        )
+
+    def module(self, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """The :class:`~eigenpatch.format.quantized.QuantizedLinear` that stores these codes."""
+        return QuantizedLinear.from_codes(
+            torch.from_numpy(self.codes),
+            torch.from_numpy(self.scales),
+            torch.from_numpy(self.zeros),
+            self.bits,
+            self.block,
+            self.k,
+            bias,
+        )
 
 
-def pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack uint8 ``values [N, M]`` (each < 2**bits) along the last axis, low bits first."""
-    per_byte = 8 // bits
-    m = values.shape[1]
-    padded = -(-m // per_byte) * per_byte
-    if padded != m:
-        values = np.pad(values, ((0, 0), (0, padded - m)))
-    values = values.astype(np.uint8).reshape(values.shape[0], -1, per_byte)
-    out = np.zeros(values.shape[:2], dtype=np.uint8)
-    for j in range(per_byte):
-        out |= values[:, :, j] << (bits * j)
-    return out
+def pack_np(values: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`eigenpatch.format.quantized.pack` on numpy arrays (the export's initializers)."""
+    return pack(torch.from_numpy(np.ascontiguousarray(values, dtype=np.uint8)), bits).numpy()
 
 
-def _grid(w: torch.Tensor, bits: int, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(
+    w: torch.Tensor, bits: int, search: bool = True, fp16_scales: bool = False, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric grid of each row of ``w [..., block]``: scale and integer zero point.
 
     The range always contains 0, so a zero weight (and padding) is exact. With ``search`` the
     range is also shrunk towards 0 by up to a quarter where that lowers the block's squared
-    rounding error: clipping one outlier buys the other 31 weights a finer step.
+    rounding error: clipping one outlier buys the other 31 weights a finer step. With
+    ``fp16_scales`` each scale is rounded to the fp16 value a checkpoint stores before the codes
+    are chosen, so the stored scales are the ones the codes (and GPTQ's error feedback) assumed.
+    ``symmetric`` centres the range on 0 (zero point ``2**(bits-1)``), as GPTQ's symmetric mode.
     """
     top = (1 << bits) - 1
     lo = w.amin(-1).clamp(max=0)
     hi = w.amax(-1).clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
     best_scale, best_zero, best_err = None, None, None
     for shrink in GRID_SHRINKS if search else (1.0,):
         scale = (hi - lo) * shrink / top
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo * shrink / scale).clamp(0, top)
+        if fp16_scales:
+            scale = scale.clamp_min(FP16_TINY).to(torch.float16).to(scale.dtype)
+        zero = torch.full_like(scale, float(1 << (bits - 1))) if symmetric else torch.round(-lo * shrink / scale)
+        zero = zero.clamp(0, top)
         err = ((_round(w, scale, zero, bits) - zero[..., None]) * scale[..., None] - w).pow(2).sum(-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
@@ -102,24 +140,39 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
 
 
-def _padded(weight: np.ndarray, block: int) -> torch.Tensor:
+def _padded(weight: np.ndarray | torch.Tensor, block: int) -> torch.Tensor:
     n, k = weight.shape
     w = torch.zeros(n, -(-k // block) * block, dtype=torch.float32)
-    w[:, :k] = torch.as_tensor(np.array(weight, dtype=np.float32))
+    src = weight.detach() if isinstance(weight, torch.Tensor) else torch.from_numpy(np.array(weight, dtype=np.float32))
+    w[:, :k] = src.to(device="cpu", dtype=torch.float32)
     return w
 
 
-def quantize_rtn(weight: np.ndarray, bits: int, block: int, search: bool = True) -> BlockQuant:
+def quantize_rtn(
+    weight: np.ndarray | torch.Tensor,
+    bits: int,
+    block: int,
+    search: bool = True,
+    fp16_scales: bool = False,
+    symmetric: bool = False,
+) -> BlockQuant:
     """Round each block to its own min/max grid (no calibration)."""
     n, k = weight.shape
     w = _padded(weight, block).view(n, -1, block)
-    scale, zero = _grid(w, bits, search)
+    scale, zero = _grid(w, bits, search, fp16_scales, symmetric)
     codes = _round(w, scale, zero, bits).view(n, -1)
     return _pack_result(codes, scale, zero, bits, block, k)
 
 
 def quantize_gptq(
-    weight: np.ndarray, gram: np.ndarray, bits: int, block: int, act_order: bool = True, search: bool = True
+    weight: np.ndarray | torch.Tensor,
+    gram: np.ndarray | torch.Tensor,
+    bits: int,
+    block: int,
+    act_order: bool = True,
+    search: bool = True,
+    fp16_scales: bool = False,
+    symmetric: bool = False,
 ) -> BlockQuant:
     """GPTQ-round ``weight [N, K]`` against the Gram ``gram [K, K]`` of its inputs.
 
@@ -136,14 +189,14 @@ def quantize_gptq(
     w = _padded(weight, block).double()
     kp = w.shape[1]
     h = torch.zeros(kp, kp, dtype=torch.float64)
-    h[:k, :k] = torch.from_numpy(np.asarray(gram, dtype=np.float64))
+    h[:k, :k] = torch.as_tensor(gram).detach().to(torch.float64)
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     h += torch.eye(kp, dtype=torch.float64) * (GPTQ_DAMP * torch.diagonal(h).mean())
     scales = torch.zeros(n, kp // block, dtype=torch.float64)
     zeros = torch.zeros_like(scales)
     if act_order:
-        scales, zeros = _grid(w.view(n, -1, block), bits, search)
+        scales, zeros = _grid(w.view(n, -1, block), bits, search, fp16_scales, symmetric)
         order = torch.argsort(torch.diagonal(h), descending=True)
     else:
         order = torch.arange(kp)
@@ -160,7 +213,7 @@ def quantize_gptq(
         for i in range(c1 - c0):
             b = int(group[c0 + i])
             if not act_order and i % block == 0:
-                scales[:, b], zeros[:, b] = _grid(w1[:, i : i + block], bits, search)
+                scales[:, b], zeros[:, b] = _grid(w1[:, i : i + block], bits, search, fp16_scales, symmetric)
             scale, zero = scales[:, b], zeros[:, b]
             q = _round(w1[:, i : i + 1], scale, zero, bits)[:, 0]
             codes[:, c0 + i] = q

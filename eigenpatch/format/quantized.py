@@ -1,0 +1,217 @@
+"""Quantized Linears: group-wise integer codes, each group with a scale and a zero point.
+
+A weight ``W [N, K]`` (N outputs, K inputs) is cut into groups of ``group`` consecutive inputs per
+output (K padded with zeros to a whole group). Each group stores ``bits``-bit codes ``q``, one fp16
+scale ``s`` and one integer zero point ``z``, and stands for ``(q - z) * s``. Zero points matter at
+4 bits and below: a group's values are rarely centred, and an asymmetric grid spends every level
+on the range the group uses.
+
+The bytes are ONNX Runtime's ``MatMulNBits`` layout, so the export maps a stored Linear to that
+operator without rounding again, and the same codes serve every runtime:
+
+- ``qweight`` ``uint8 [N, K_pad * bits / 8]``: codes packed along K, low bits first;
+- ``scales`` ``float16 [N, K_pad / group]``;
+- ``zeros`` ``uint8 [N, ceil(groups * bits / 8)]``: zero points packed the same way.
+
+At 4 bits, group 32 that is ``0.5 + 2.5 / 32`` bytes per weight: 0.29x bf16.
+
+How a runtime computes with them (:meth:`QuantizedLinear.forward`): in transformers on a CPU with
+bf16 activations, 4-bit codes with a group of 32 to 256 and N a multiple of 16 run PyTorch's own
+int4 kernel (``aten._weight_int4pack_mm_for_cpu``, the op torchao calls); everything else
+(fp32 activations, where that kernel is 40x slower than a dense GEMM; 2 and 8 bits) dequantizes
+the weight for each call and runs ``F.linear``: correct everywhere, memory-light, and slow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The widths whose codes pack whole into bytes (3 bits waits for a packing that spans bytes).
+BITS = (2, 4, 8)
+#: Group sizes PyTorch's CPU int4 kernel takes along K.
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def padded_k(in_features: int, group: int) -> int:
+    """K rounded up to a whole number of groups."""
+    return -(-in_features // group) * group
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``uint8 [N, M]`` values (each ``< 2**bits``) along the last axis, low bits first."""
+    per_byte = 8 // bits
+    n, m = values.shape
+    padded = -(-m // per_byte) * per_byte
+    v = torch.zeros(n, padded, dtype=torch.uint8, device=values.device)
+    v[:, :m] = values.to(torch.uint8)
+    v = v.view(n, -1, per_byte)
+    out = torch.zeros(v.shape[:2], dtype=torch.uint8, device=values.device)
+    for j in range(per_byte):
+        out |= v[:, :, j] << (bits * j)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """The first ``m`` values of each row of :func:`pack`'s output, as ``uint8 [N, m]``."""
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(per_byte)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)[:, :m]
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The ``[N, K]`` weight that ``(qweight, scales, zeros)`` stand for, in ``dtype``."""
+    groups = scales.shape[1]
+    codes = unpack(qweight, bits, groups * group).to(dtype).view(-1, groups, group)
+    z = unpack(zeros, bits, groups).to(dtype)
+    w = (codes - z[..., None]) * scales.to(dtype)[..., None]
+    return w.view(w.shape[0], -1)[:, :in_features]
+
+
+def reference_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The first parameter of ``module`` that says its compute dtype and device: floating point and
+    not a quantized Linear's (whose codes are uint8 and scales fp16 whatever the model computes in)."""
+    for sub in module.modules():
+        if isinstance(sub, QuantizedLinear):
+            continue
+        for p in sub.parameters(recurse=False):
+            if p.is_floating_point():
+                return p
+    return None
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` stored as group-wise ``bits``-bit codes (see the module docstring).
+
+    The codes, scales and zero points are frozen parameters (``requires_grad=False``): the format's
+    checks and transformers' loader see every stored tensor of a module as a parameter.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits={bits}: quantized Linears store {', '.join(map(str, BITS))} bits")
+        if group <= 0 or group % (8 // bits):
+            raise ValueError(f"group={group} must be a positive multiple of {8 // bits} at {bits} bits")
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        k = padded_k(in_features, group)
+        groups = k // group
+
+        def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.qweight = frozen(out_features, k * bits // 8, dtype=torch.uint8)
+        self.scales = frozen(out_features, groups, dtype=torch.float16)
+        self.zeros = frozen(out_features, -(-groups * bits // 8), dtype=torch.uint8)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel's packing, made on first use
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group: int,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+    ) -> QuantizedLinear:
+        """Build from unpacked ``codes [N, K_pad]``, ``scales`` and integer ``zeros`` ``[N, groups]``."""
+        n = codes.shape[0]
+        module = cls(in_features, n, bits, group, bias is not None, codes.device, None if bias is None else bias.dtype)
+        with torch.no_grad():
+            module.qweight.copy_(pack(codes, bits))
+            module.scales.copy_(scales.to(torch.float16))
+            module.zeros.copy_(pack(zeros, bits))
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``[out, in]`` weight the codes stand for."""
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group, self.in_features, dtype)
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """Which computation :meth:`forward` uses for ``x``: ``"int4pack"`` or ``"dequantize"``."""
+        fits = (
+            self.bits == 4
+            and x.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and self.group in INT4_KERNEL_GROUPS
+            and self.out_features % 16 == 0
+            and self.in_features % self.group == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        )
+        return "int4pack" if fits else "dequantize"
+
+    def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PyTorch's CPU int4 packing and its ``[groups, N, 2]`` bf16 scales and float zero points.
+
+        The kernel means ``(q - 8) * s + m``; ours is ``(q - z) * s``, so ``m = (8 - z) s``.
+        """
+        if self._int4 is None:
+            codes = unpack(self.qweight, 4, self.in_features).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            s = self.scales.float()
+            z = unpack(self.zeros, 4, s.shape[1]).float()
+            table = torch.stack([s.T, ((8 - z) * s).T], dim=-1).to(torch.bfloat16).contiguous()
+            self._int4 = (packed, table)
+        return self._int4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel(x) == "int4pack":
+            packed, table = self._int4pack()
+            flat = x.reshape(-1, self.in_features)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, self.group, table)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
+        self._int4 = None  # moved or cast: the kernel's copy is rebuilt from the codes
+        stored = self.scales.data
+        out = super()._apply(fn, recurse)
+        if self.scales.dtype not in (torch.float16, torch.float32, torch.float64):
+            self.scales.data = stored.to(self.scales.device)  # ``model.to(bf16)`` must not round the scales
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        from eigenpatch.format import QUANTIZED
+
+        return {
+            "kind": QUANTIZED,
+            "bits": self.bits,
+            "group": self.group,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group={self.group}, bias={self.bias is not None}"
+        )

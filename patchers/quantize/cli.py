@@ -1,0 +1,88 @@
+"""Quantization on the command line: ``patch-model --bits 4 [--group G] [--quantizer gptq|rtn]``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from eigenpatch.cli.pieces import CliPiece, ratio_of, register_piece
+from eigenpatch.errors import UsageError
+from eigenpatch.patchers.targets import DEFAULT_TARGETS
+from eigenpatch.recipe import TransformConfig
+from eigenpatch.table import fmt_bytes
+
+
+class QuantizePiece(CliPiece):
+    order = 35  # after compression and healing (it rounds the final weights), before the interventions
+    name_order = 35
+    transforms = ("quantize",)
+    flag = "--bits N"
+    examples = (
+        "patch-model --bits 4                               # GPTQ int4, groups of 64, layer by layer",
+        "patch-model --bits 8 --quantizer rtn               # data-free rounding",
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from eigenpatch.patchers.quantize.config import DEFAULT_GROUP, METHODS
+
+        g = parser.add_argument_group("weight-only quantization (group-wise int codes, scales and zero points)")
+        g.add_argument("--bits", type=int, metavar="N", help="bits per weight: 8, 4 or 2 (default: no quantization)")
+        g.add_argument(
+            "--group",
+            type=int,
+            default=DEFAULT_GROUP,
+            metavar="G",
+            help="consecutive inputs sharing one scale and zero point (default %(default)s)",
+        )
+        g.add_argument(
+            "--quantizer",
+            choices=METHODS,
+            default="gptq",
+            help="gptq: round against the inputs each layer sees, layer by layer (needs text); "
+            "rtn: round to nearest, no data (default %(default)s)",
+        )
+        g.add_argument("--symmetric", action="store_true", help="zero point fixed at the middle level")
+        g.add_argument(
+            "--quantize-targets",
+            nargs="+",
+            default=list(DEFAULT_TARGETS),
+            metavar="NAME",
+            help="Linear names to quantize (default: every decoder Linear; the head and the embedding stay)",
+        )
+
+    def build(self, args: argparse.Namespace, earlier: list[TransformConfig]) -> TransformConfig | None:
+        from eigenpatch.patchers.quantize.config import Quantize
+
+        if args.bits is None:
+            return None
+        pairs = [c.name for c in earlier if c.name in ("lowrank", "svd", "structured_ffn")]
+        if pairs:
+            raise UsageError(
+                "--bits with --compress or --structured-ffn: quantized factor pairs are not stored yet; "
+                "quantize the dense model, or compress without --bits"
+            )
+        return Quantize(
+            bits=args.bits,
+            group=args.group,
+            method=args.quantizer,
+            symmetric=args.symmetric,
+            targets=tuple(args.quantize_targets),
+            calib_windows=args.calib_windows,
+            calib_seq_len=args.calib_seq_len,
+            seed=args.seed,
+        )
+
+    def output_name(self, args: argparse.Namespace) -> str:
+        return "" if args.bits is None else f"-{args.quantizer}-int{args.bits}-g{args.group}"
+
+    def summary_rows(self, step: dict[str, Any]) -> list[list[str]]:
+        before, after = step["bf16_bytes_before"], step["bytes_after"]
+        label = f"quantized Linears, bytes vs bf16 ({step['method']} int{step['bits']}, group {step['group']})"
+        return [[label, fmt_bytes(before), fmt_bytes(after), ratio_of(before, after)]]
+
+    def summary_lines(self, step: dict[str, Any]) -> list[str]:
+        how = ", layer by layer on the propagated inputs" if step["method"] == "gptq" else ""
+        return [f"{step['method']} int{step['bits']}{how}: {step['quantized']} Linears quantized, {step['seconds']} s"]
+
+
+register_piece(QuantizePiece())

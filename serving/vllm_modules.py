@@ -1,0 +1,107 @@
+"""A vLLM linear method that runs each HF shard as one of the format's own modules.
+
+The block-structured kinds (:mod:`.vllm_structured`) and quantized Linears (:mod:`.vllm_quantized`)
+are served the same way: per shard, an empty module of the format with this rank's shapes; per
+stored tensor name, one flat vLLM parameter whose loader slices the checkpoint tensor for this
+rank and copies it into the shard's place; after loading, the flat buffers move into the modules,
+which then run with the code transformers runs. Column slots concatenate the shards' outputs; a
+row slot returns this rank's partial sum, which the layer's all-reduce completes. vLLM adds the
+bias as it does for dense layers. A subclass says which modules and how a tensor is sliced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import ColumnParallelLinear, LinearMethodBase, RowParallelLinear
+
+from eigenpatch.serving.vllm_method import _shard_index
+
+
+class ShardModulesMethod(LinearMethodBase):
+    """One vLLM Linear made of format modules, one per HF shard (see the module docstring)."""
+
+    def __init__(self, shard_names: list[str], specs: list[dict[str, Any]]) -> None:
+        self.shard_names = shard_names
+        self.specs = specs
+
+    def local_modules(
+        self, layer: Any, column: bool, tp_rank: int, tp_size: int, in_local: int, rows: list[int], dtype: Any
+    ) -> list[nn.Module]:
+        """Empty modules with this rank's shapes, one per shard."""
+        raise NotImplementedError
+
+    def local_slice(self, i: int, pname: str, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's part of shard ``i``'s checkpoint tensor ``pname``."""
+        raise NotImplementedError
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        column = not isinstance(layer, RowParallelLinear)
+        parallel = isinstance(layer, ColumnParallelLinear | RowParallelLinear)  # ReplicatedLinear: whole layer
+        tp_rank, tp_size = (layer.tp_rank, layer.tp_size) if parallel else (0, 1)
+        self.column, self.tp_rank, self.tp_size = column, tp_rank, tp_size
+        rows = list(output_partition_sizes)
+        modules = self.local_modules(layer, column, tp_rank, tp_size, input_size_per_partition, rows, params_dtype)
+        if column and [m.out_features for m in modules] != rows:
+            raise ValueError(
+                f"eigenpatch: {self.shard_names} give rows {[m.out_features for m in modules]}, vLLM expects {rows}"
+            )
+        layer.eigenpatch_pending = modules  # filled by the loaders, installed after loading
+        for pname in self.tensor_names(modules[0]):
+            sizes = [getattr(m, pname).numel() for m in modules]
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            flat = Parameter(torch.empty(sum(sizes), dtype=getattr(modules[0], pname).dtype), requires_grad=False)
+            flat.weight_loader = self._loader(pname, modules, offsets)
+            layer.register_parameter(pname, flat)
+
+    @staticmethod
+    def tensor_names(module: nn.Module) -> list[str]:
+        return [n for n, _ in module.named_parameters() if n != "bias"]
+
+    def _loader(self, pname: str, modules: list[nn.Module], offsets: list[int]) -> Any:
+        def load(param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+            i = _shard_index(shard_id)
+            target = getattr(modules[i], pname)
+            piece = self.local_slice(i, pname, loaded)
+            # floats are cast on copy (a fp32 checkpoint served in bf16); integer codes must be stored as such
+            if piece.shape != target.shape or (not target.is_floating_point() and piece.dtype != target.dtype):
+                raise ValueError(
+                    f"eigenpatch: {self.shard_names[i]}.{pname} slice is {piece.dtype} {tuple(piece.shape)}, "
+                    f"expected {target.dtype} {tuple(target.shape)}"
+                )
+            param.data[offsets[i] : offsets[i] + target.numel()].copy_(piece.reshape(-1))
+
+        return load
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        modules = layer.eigenpatch_pending
+        for pname in self.tensor_names(modules[0]):
+            flat, offset = getattr(layer, pname), 0
+            for m in modules:
+                target = getattr(m, pname)
+                target.data = flat.data[offset : offset + target.numel()].view_as(target).clone()
+                target.requires_grad_(False)
+                offset += target.numel()
+            setattr(layer, pname, Parameter(torch.empty(0, dtype=flat.dtype), requires_grad=False))
+        layer.eigenpatch_modules = nn.ModuleList(modules)
+        del layer.eigenpatch_pending
+
+    def forward_shard(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = [self.forward_shard(m, x) for m in layer.eigenpatch_modules]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        return y if bias is None else y + bias

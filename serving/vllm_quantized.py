@@ -1,0 +1,48 @@
+"""Quantized Linears (``quantized``) in vLLM: the format's codes, run by the same module code as transformers.
+
+A vLLM Linear whose HF shards are all quantized (``qkv_proj`` fuses q/k/v) holds, per shard, this
+rank's slice of ``qweight`` / ``scales`` / ``zeros`` (:func:`eigenpatch.serving.sharding.slice_quantized`:
+whole output rows in a column slot, whole groups of inputs in a row slot) in a
+:class:`~eigenpatch.format.quantized.QuantizedLinear`, whose forward picks the kernel: PyTorch's
+CPU int4 kernel for bf16 activations where it fits, dequantize-then-GEMM elsewhere (fp32).
+:class:`~eigenpatch.serving.vllm_modules.ShardModulesMethod` does the loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.linear import QKVParallelLinear
+
+from eigenpatch.format.quantized import QuantizedLinear
+from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns, slice_quantized
+from eigenpatch.serving.vllm_modules import ShardModulesMethod
+
+
+class QuantizedLinearMethod(ShardModulesMethod):
+    """One vLLM Linear made of quantized shards (see the module docstring)."""
+
+    def __init__(self, shard_names: list[str], specs: list[dict[str, Any]]) -> None:
+        if len({(s["bits"], s["group"]) for s in specs}) > 1:
+            raise ValueError(f"eigenpatch: {shard_names} fuse quantized Linears of different widths or groups")
+        super().__init__(shard_names, specs)
+
+    def local_modules(
+        self, layer: Any, column: bool, tp_rank: int, tp_size: int, in_local: int, rows: list[int], dtype: Any
+    ) -> list[nn.Module]:
+        kv_replicas = getattr(layer, "num_kv_head_replicas", 1) if isinstance(layer, QKVParallelLinear) else 1
+        self.slices, modules = [], []
+        for i, spec in enumerate(self.specs):
+            if column:
+                self.slices.append(column_shard_rows(spec["out_features"], rows[i], tp_rank, kv_replicas if i else 1))
+                shape = (spec["in_features"], rows[i])
+            else:
+                self.slices.append(row_shard_columns(spec["in_features"], in_local, tp_rank))
+                shape = (in_local, spec["out_features"])
+            modules.append(QuantizedLinear(*shape, spec["bits"], spec["group"]))
+        return modules
+
+    def local_slice(self, i: int, pname: str, loaded: torch.Tensor) -> torch.Tensor:
+        return slice_quantized(pname, loaded, self.specs[i], self.column, *self.slices[i])
