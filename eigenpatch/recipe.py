@@ -197,7 +197,7 @@ def count_parameters(model: nn.Module) -> int:
     from eigenpatch.format.quantized import QuantizedLinear
 
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    stored = {id(p) for m in quantized for p in (m.qweight, m.scales, m.zeros)}
+    stored = {id(p) for m in quantized for p in m.stored()}
     logical = sum(m.in_features * m.out_features for m in quantized)
     return logical + sum(p.numel() for p in model.parameters() if id(p) not in stored)
 

@@ -193,7 +193,7 @@ def export_onnx(
     check_block(block)
     if tensorrt and (reason := tensorrt_unavailable()) is not None:
         raise UsageError(reason)
-    stored = {id(t) for m in quantized_modules(model).values() for t in (m.qweight, m.scales, m.zeros)}
+    stored = {id(t) for m in quantized_modules(model).values() for t in m.stored()}
     if any(p.dtype != torch.float32 for p in model.parameters() if id(p) not in stored):
         raise UsageError("ONNX export (and its fp32 parity check) needs the model loaded in float32")
     model.eval()

@@ -34,6 +34,8 @@ from torch import nn
 BITS = (2, 4, 8)
 #: Group sizes PyTorch's CPU int4 kernel takes along K.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+#: Whether this PyTorch has that kernel (looked up once, not on every forward).
+HAS_INT4_CPU_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def padded_k(in_features: int, group: int) -> int:
@@ -149,6 +151,14 @@ class QuantizedLinear(nn.Module):
                 module.bias.copy_(bias)
         return module
 
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors the format stores for the weight: codes, scales, zero points (not the bias)."""
+        return (self.qweight, self.scales, self.zeros)
+
+    def stored_bytes(self) -> int:
+        """What the weight costs: codes, scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in self.stored())
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``[out, in]`` weight the codes stand for."""
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group, self.in_features, dtype)
@@ -162,7 +172,7 @@ class QuantizedLinear(nn.Module):
             and self.group in INT4_KERNEL_GROUPS
             and self.out_features % 16 == 0
             and self.in_features % self.group == 0
-            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and HAS_INT4_CPU_KERNEL
         )
         return "int4pack" if fits else "dequantize"
 

@@ -29,11 +29,6 @@ from eigenpatch.recipe import PatchContext
 BF16_BYTES = 2
 
 
-def stored_bytes(module: QuantizedLinear) -> int:
-    """Bytes a quantized Linear stores: codes, scales and zero points (bias not counted)."""
-    return sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros))
-
-
 class QuantizeLayers(LayerTransform):
     """``Quantize`` as the engine runs it (see the module docstring)."""
 
@@ -86,7 +81,7 @@ class QuantizeLayers(LayerTransform):
                 quantized = self._round(linear.weight, gram).module(bias).to(linear.weight.device)
                 replace_module(step.layer, name, quantized)
                 before += linear.weight.numel() * BF16_BYTES
-                after += stored_bytes(quantized)
+                after += quantized.stored_bytes()
         return {"matrices": len(names), "bf16_bytes": before, "bytes": after}
 
     def details(self, records: list[Any]) -> dict[str, Any]:
