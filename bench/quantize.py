@@ -2,10 +2,14 @@
 
     python bench/quantize.py                       # the table in docs/quantize.md
     python bench/quantize.py --calib-windows 128   # GPTQ on README command 1's calibration
+    python bench/quantize.py --configs gptq:4:32 c0.3+gptq:4:64 --onnx --out bench/results/quantize_onnx.json
 
 In one process, from one dense model: the dense fp32 model, then ``quantize`` at each
 ``METHOD:BITS:GROUP`` of ``--configs`` (every decoder Linear; head and embedding stay), each
 patched from a fresh copy and saved, then reloaded through ``eigenpatch.load`` like any user's.
+``cR+METHOD:BITS:GROUP`` first compresses by ``R`` with patch-model's default recipe
+(``loss+fwhiten``, layer by layer, refined; ranks in whole groups) and then quantizes both factors
+of each pair and the Linears kept dense, in the same engine run: ``--compress R --bits BITS``.
 Each row reports:
 
 - the bytes the quantized Linears take (codes, scales, zero points) against the same Linears in
@@ -14,7 +18,12 @@ Each row reports:
   dequantizing path, so the numbers are those of the stored codes);
 - the seconds ``patch()`` took (GPTQ: the engine's layer-by-layer pass on the propagated inputs);
 - batch-1 greedy decode in transformers with bf16 activations (``--decode-tokens`` new tokens after
-  a short prompt) against the dense model in bf16, and the kernel the 4-bit Linears ran.
+  a short prompt) against the dense model in bf16, and the kernel the 4-bit Linears ran;
+- with ``--onnx``, the same checkpoint in ONNX Runtime: exported as stored (the Linears as
+  ``MatMulNBits`` on their codes, the embedding and head fp32) and with ``--weights int4`` on top
+  (the head int4 and the embedding int8, as the dense export does), each with its bytes and its
+  perplexity on wiki computed by ONNX Runtime; the dense model's ``--weights int4`` export (GPTQ
+  in the graph) is the row to beat at equal bytes.
 
 SmolLM2's weights were dequantized from a Q4_1 GGUF (groups of 32 inputs, a scale and a minimum):
 a 4-bit grid with groups of 32 can land back on those codes, groups of 64 and 128 cannot (each
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +49,7 @@ from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.format.checkpoint import weights_bytes
 from eigenpatch.format.quantized import QuantizedLinear
 from eigenpatch.hf_io import load_model
-from eigenpatch.patchers import Quantize
+from eigenpatch.patchers import LowRank, Quantize
 from eigenpatch.table import fmt_bytes, format_table
 from eigenpatch.zoo import resolve_text
 
@@ -70,6 +81,46 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, re
     return best / tokens
 
 
+def recipe(spec: str, calib_windows: int) -> list:
+    """``[cR+]METHOD:BITS:GROUP`` -> the configs ``patch-model [--compress R] --bits BITS`` would build."""
+    compress, _, quantize = spec.rpartition("+")
+    method, bits, group = quantize.split(":")
+    configs: list = []
+    if compress:
+        ratio = float(compress.removeprefix("c"))
+        configs.append(
+            LowRank(
+                ratio=ratio,
+                allocator="loss",
+                factorizer="fwhiten",
+                sequential=True,
+                refine_steps=64,
+                calib_windows=calib_windows,
+                rank_multiple=math.lcm(int(group), 16),
+            )
+        )
+    configs.append(Quantize(bits=int(bits), group=int(group), method=method, calib_windows=calib_windows))
+    return configs
+
+
+def onnx_rows(model: torch.nn.Module, tokenizer, folder: Path, wiki: list[int]) -> dict[str, dict[str, float]]:
+    """``{precision: {bytes, ppl_wiki}}`` of ``model`` exported as stored (float32) and with int4 weights."""
+    from export_speed import onnx_perplexity
+
+    from eigenpatch.export.onnx import export_onnx
+    from eigenpatch.export.precision import onnx_bytes
+    from eigenpatch.export.runtime import OnnxCausalLM
+
+    out = {}
+    for precision in ("float32", "int4"):
+        target = folder / f"onnx-{precision}"
+        export_onnx(model, tokenizer, target, precision=precision, verify=precision == "float32")
+        ppl = onnx_perplexity(OnnxCausalLM(target, provider="CPU"), wiki)
+        out[precision] = {"bytes": onnx_bytes(target), "ppl_wiki": round(ppl, 2)}
+        shutil.rmtree(target)
+    return out
+
+
 def kernels(model: torch.nn.Module) -> list[str]:
     x = torch.zeros(1, 1, dtype=torch.bfloat16)
     found = set()
@@ -85,6 +136,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=4096, help="eval tokens per text")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--onnx", action="store_true", help="also export each checkpoint and score it in ONNX Runtime")
     parser.add_argument("--out", type=Path, default=RESULTS / "quantize.json")
     args = parser.parse_args()
 
@@ -102,27 +154,34 @@ def main() -> None:
     rows = [
         {"config": "dense", "ppl": ppl(base), "disk_bytes": weights_bytes(folder), "decode_s_per_token": dense_decode}
     ]
-    print(rows[0], flush=True)
+    wiki = texts["wiki"].view(-1).tolist()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.onnx:
+            rows[0]["onnx"] = onnx_rows(base, tokenizer, Path(tmp), wiki)
+        print(rows[0], flush=True)
         for spec in args.configs:
-            method, bits, group = spec.split(":")
             model = copy.deepcopy(base)
-            config = Quantize(bits=int(bits), group=int(group), method=method, calib_windows=args.calib_windows)
+            configs = recipe(spec, args.calib_windows)
             start = time.perf_counter()
-            report = eigenpatch.patch(model, config, tokenizer=tokenizer, calib_text=calib, show_progress=False)
+            report = eigenpatch.patch(model, configs, tokenizer=tokenizer, calib_text=calib, show_progress=False)
             seconds = time.perf_counter() - start
-            out = eigenpatch.save(model, Path(tmp) / spec.replace(":", "-"), tokenizer=tokenizer)
+            out = eigenpatch.save(model, Path(tmp) / spec.replace(":", "-").replace("+", "-"), tokenizer=tokenizer)
             del model
             loaded = eigenpatch.load(out).eval()
-            step = report["steps"][0]
+            step = report["steps"][-1]
             row = {
                 "config": spec,
                 "quantize_seconds": round(seconds, 1),
                 "linear_bytes": step["bytes_after"],
-                "linear_bf16_bytes": step["bf16_bytes_before"],
+                # against the dense Linears' bf16 bytes, also for a compressed model
+                "linear_bf16_bytes": 2 * report["steps"][0]["targeted_params_before"]
+                if len(configs) > 1
+                else step["bf16_bytes_before"],
                 "disk_bytes": weights_bytes(out),
                 "ppl": ppl(loaded),
             }
+            if args.onnx:
+                row["onnx"] = onnx_rows(loaded, tokenizer, Path(tmp), wiki)
             loaded = loaded.to(torch.bfloat16)
             row["decode_s_per_token"] = decode_seconds(loaded, prompt, args.decode_tokens)
             row["decode_vs_dense_bf16"] = round(dense_decode / row["decode_s_per_token"], 2)
@@ -145,6 +204,13 @@ def main() -> None:
     ]
     header = ["config", "Linears", "x bf16", "on disk", "ppl wiki", "ppl news", "s", "decode x bf16", "bf16 kernel"]
     print(format_table(header, table))
+    if args.onnx:
+        onnx = []
+        for r in rows:
+            cells = [(fmt_bytes(r["onnx"][p]["bytes"]), r["onnx"][p]["ppl_wiki"]) for p in ("float32", "int4")]
+            onnx.append([r["config"], *(x for cell in cells for x in cell)])
+        header = ["config", "ONNX as stored", "ppl wiki (ORT)", "ONNX --weights int4", "ppl wiki (ORT)"]
+        print(format_table(header, onnx))
     torch_threads = torch.get_num_threads()
     write_result(
         args.out,

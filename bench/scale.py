@@ -3,6 +3,7 @@
     python bench/scale.py                          # 32 layers (13.5 GB of bf16 shards), data-free svd
     python bench/scale.py --methods svd loss+fwhiten --calib-layers 8
     python bench/scale.py --layers 4               # a quick look at the per-layer cost
+    python bench/scale.py --methods int4:rtn       # patch-model --bits 4 --quantizer rtn, out of core
     python bench/scale.py --shape 360m --methods loss+fwhiten --calib-layers 32 --calib-windows 128 \\
         --calib-seq-len 512                        # a 1.45 GB-fp32 model, patch-model's default calibration
 
@@ -11,12 +12,12 @@ calibrated run has text) is written once into the cache, one bf16 shard per laye
 being whole in memory: 13.5 GB on disk, 27 GB in fp32, more than the 24 GB of RAM here. Random
 weights measure memory and time, not quality.
 
-Each method runs as ``patch-model --compress 0.5 --dtype auto`` in a child process, as a user
-would run it, and reports the child's peak RSS (``getrusage``), wall time, seconds per layer,
-and then that the output loads and gives finite logits. The calibrated run uses 8 x 256 tokens; when
-``--calib-layers`` is below the depth it runs on a copy that keeps that many layers (the same
-files, hard-linked) and states the extrapolation to 32. Writes ``bench/results/scale.json``.
-"""
+Each method runs as ``patch-model --compress 0.5 --method M --dtype auto`` (``int4:rtn``: ``--bits 4
+--quantizer rtn``) in a child process, as a user would run it, and reports the child's peak RSS
+(``wait4``), wall time, seconds per layer, and then that the output loads and gives finite logits.
+The calibrated run uses 8 x 256 tokens; when ``--calib-layers`` is below the depth it runs on a copy
+that keeps that many layers (the same files, hard-linked) and states the extrapolation to 32. Writes
+``bench/results/scale.json``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -138,15 +138,31 @@ def truncated(folder: Path, layers: int) -> Path:
     return target
 
 
+def method_flags(method: str) -> list[str]:
+    """``patch-model`` flags of a ``--methods`` entry: ``int4:rtn`` / ``int4:gptq`` quantize (``--bits 4
+    --quantizer rtn``), anything else is a ``--compress 0.5 --method`` value."""
+    if method.startswith("int"):
+        bits, _, quantizer = method.removeprefix("int").partition(":")
+        return ["--bits", bits, "--quantizer", quantizer or "gptq"]
+    return ["--compress", "0.5", "--method", method]
+
+
+def calibrated(method: str) -> bool:
+    return method not in ("svd",) and not method.endswith(":rtn")
+
+
 def compress(folder: Path, method: str, out: Path, extra: list[str]) -> dict[str, object]:
     """``patch-model`` in a child process: its own peak RSS, wall time and report."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "eigenpatch.cli", "patch", str(folder), "--compress", "0.5", "--method", method]
+    cmd = [sys.executable, "-m", "eigenpatch.cli", "patch", str(folder), *method_flags(method)]
     cmd += ["--dtype", "auto", "-o", str(out), "-q", *extra]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    child = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest child so far
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed")
+    peak = usage.ru_maxrss * 1024
     report = json.loads((out / "eigenpatch_report.json").read_text())
     step = report["steps"][0]
     per_layer = step.get("layer_by_layer", {}).get("layer_seconds", [])
@@ -182,17 +198,18 @@ def main() -> None:
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8; patch-model's: 128)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256; patch-model's: 512)")
     p.add_argument("--keep", action="store_true", help="keep the compressed outputs")
+    p.add_argument("--out", type=Path, help="results file (default bench/results/scale[-SHAPE].json)")
     args = p.parse_args()
     name = f"llama-{args.shape}-shape-random-{args.layers}l"
     folder = build(cache_dir() / "bench" / name, args.layers, args.shape)
     rows = []
     for method in args.methods:
-        calibrated = method != "svd"
-        src = truncated(folder, args.calib_layers) if calibrated and args.calib_layers < args.layers else folder
+        needs_text = calibrated(method)
+        src = truncated(folder, args.calib_layers) if needs_text and args.calib_layers < args.layers else folder
         calib = ["--calib-windows", str(args.calib_windows), "--calib-seq-len", str(args.calib_seq_len)]
         fisher = ["--fisher-windows", str(min(8, args.calib_windows))] if args.calib_windows < 32 else []
-        extra = calib + fisher if calibrated else []
-        out = cache_dir() / "bench" / f"scale-out-{args.shape}-{method.replace('+', '-')}"
+        extra = calib + (fisher if "+" in method else []) if needs_text else []
+        out = cache_dir() / "bench" / f"scale-out-{args.shape}-{method.replace('+', '-').replace(':', '-')}"
         row = compress(src, method, out, extra)
         row["output_loads"] = loads(out)
         if row["layers"] and row["layers"] < args.layers:
@@ -213,7 +230,7 @@ def main() -> None:
     head = ["method", "layers", "input", "output", "peak RSS", "s/layer", "total", "32-layer est. s", "loads"]
     print(format_table(head, table))
     result = {"shape": args.shape, "widths": SHAPES[args.shape], "layers": args.layers, "runs": rows}
-    write_result(RESULTS / ("scale.json" if args.shape == "7b" else f"scale-{args.shape}.json"), result)
+    write_result(args.out or RESULTS / ("scale.json" if args.shape == "7b" else f"scale-{args.shape}.json"), result)
 
 
 if __name__ == "__main__":

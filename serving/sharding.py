@@ -118,3 +118,17 @@ def slice_quantized(pname: str, tensor: Any, spec: dict[str, Any], column: bool,
     if pname == "scales":
         return tensor.narrow(1, g0, groups)
     return pack(unpack(tensor, bits, k // group).narrow(1, g0, groups), bits)
+
+
+def slice_quantized_pair(pname: str, tensor: Any, spec: dict[str, Any], column: bool, start: int, length: int) -> Any:
+    """One rank's part of a quantized factor pair's ``lowrank_down.*`` / ``lowrank_up.*`` tensor, placed
+    as a factor pair is: a column slot slices ``up``'s output rows and replicates ``down``; a row
+    slot slices ``down``'s inputs (whole groups) and replicates ``up``."""
+    from eigenpatch.format import DOWN_NAME, UP_NAME
+
+    factor, _, name = pname.partition(".")
+    if factor != (UP_NAME if column else DOWN_NAME):
+        return tensor  # the replicated factor
+    # the sliced factor as a quantized Linear of its own: up is rank -> out, down is in -> rank
+    own = {**spec, "in_features": spec["rank"]} if factor == UP_NAME else {**spec, "out_features": spec["rank"]}
+    return slice_quantized(name, tensor, own, column, start, length)

@@ -48,7 +48,15 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.platforms import current_platform
 
-from eigenpatch.format import BLOCK_KINDS, DOWN_NAME, FACTOR_KINDS, FORMAT_VERSION, LAYER_KINDS, QUANTIZED, UP_NAME
+from eigenpatch.format import (
+    BLOCK_KINDS,
+    DOWN_NAME,
+    FACTOR_KINDS,
+    FORMAT_VERSION,
+    LAYER_KINDS,
+    QUANTIZED_KINDS,
+    UP_NAME,
+)
 from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns
 
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
@@ -316,7 +324,7 @@ class EigenpatchVllmConfig(QuantizationConfig):
             from eigenpatch.serving.vllm_structured import BlockLinearMethod
 
             return BlockLinearMethod(names, specs)
-        if kinds == {QUANTIZED}:
+        if kinds <= set(QUANTIZED_KINDS):
             from eigenpatch.serving.vllm_quantized import QuantizedLinearMethod
 
             return QuantizedLinearMethod(names, specs)

@@ -4,7 +4,9 @@ The block-structured kinds (:mod:`.vllm_structured`) and quantized Linears (:mod
 are served the same way: per shard, an empty module of the format with this rank's shapes; per
 stored tensor name, one flat vLLM parameter whose loader slices the checkpoint tensor for this
 rank and copies it into the shard's place; after loading, the flat buffers move into the modules,
-which then run with the code transformers runs. Column slots concatenate the shards' outputs; a
+which then run with the code transformers runs. A dotted name (a quantized factor pair's
+``lowrank_down.qweight``) gets a holder submodule on the vLLM layer, so vLLM's loader, which looks
+parameters up by their checkpoint names, finds it. Column slots concatenate the shards' outputs; a
 row slot returns this rank's partial sum, which the layer's all-reduce completes. vLLM adds the
 bias as it does for dense layers. A subclass says which modules and how a tensor is sliced.
 """
@@ -60,11 +62,13 @@ class ShardModulesMethod(LinearMethodBase):
             )
         layer.eigenpatch_pending = modules  # filled by the loaders, installed after loading
         for pname in self.tensor_names(modules[0]):
-            sizes = [getattr(m, pname).numel() for m in modules]
+            sizes = [m.get_parameter(pname).numel() for m in modules]
             offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-            flat = Parameter(torch.empty(sum(sizes), dtype=getattr(modules[0], pname).dtype), requires_grad=False)
+            dtype = modules[0].get_parameter(pname).dtype
+            flat = Parameter(torch.empty(sum(sizes), dtype=dtype), requires_grad=False)
             flat.weight_loader = self._loader(pname, modules, offsets)
-            layer.register_parameter(pname, flat)
+            owner, leaf = _owner(layer, pname)
+            owner.register_parameter(leaf, flat)
 
     @staticmethod
     def tensor_names(module: nn.Module) -> list[str]:
@@ -73,7 +77,7 @@ class ShardModulesMethod(LinearMethodBase):
     def _loader(self, pname: str, modules: list[nn.Module], offsets: list[int]) -> Any:
         def load(param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
             i = _shard_index(shard_id)
-            target = getattr(modules[i], pname)
+            target = modules[i].get_parameter(pname)
             piece = self.local_slice(i, pname, loaded)
             # floats are cast on copy (a fp32 checkpoint served in bf16); integer codes must be stored as such
             if piece.shape != target.shape or (not target.is_floating_point() and piece.dtype != target.dtype):
@@ -88,13 +92,14 @@ class ShardModulesMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         modules = layer.eigenpatch_pending
         for pname in self.tensor_names(modules[0]):
-            flat, offset = getattr(layer, pname), 0
+            flat, offset = layer.get_parameter(pname), 0
             for m in modules:
-                target = getattr(m, pname)
+                target = m.get_parameter(pname)
                 target.data = flat.data[offset : offset + target.numel()].view_as(target).clone()
                 target.requires_grad_(False)
                 offset += target.numel()
-            setattr(layer, pname, Parameter(torch.empty(0, dtype=flat.dtype), requires_grad=False))
+            owner, leaf = _owner(layer, pname)
+            setattr(owner, leaf, Parameter(torch.empty(0, dtype=flat.dtype), requires_grad=False))
         layer.eigenpatch_modules = nn.ModuleList(modules)
         del layer.eigenpatch_pending
 
@@ -105,3 +110,14 @@ class ShardModulesMethod(LinearMethodBase):
         outputs = [self.forward_shard(m, x) for m in layer.eigenpatch_modules]
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
+
+
+def _owner(layer: nn.Module, pname: str) -> tuple[nn.Module, str]:
+    """The module that holds parameter ``pname`` of ``layer`` (holders made on first use) and its leaf name."""
+    *path, leaf = pname.split(".")
+    owner = layer
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    return owner, leaf

@@ -5,6 +5,9 @@ rank's slice of ``qweight`` / ``scales`` / ``zeros`` (:func:`eigenpatch.serving.
 whole output rows in a column slot, whole groups of inputs in a row slot) in a
 :class:`~eigenpatch.format.quantized.QuantizedLinear`, whose forward picks the kernel: PyTorch's
 CPU int4 kernel for bf16 activations where it fits, dequantize-then-GEMM elsewhere (fp32).
+A quantized factor pair (``lowrank_quantized``) is placed like a factor pair: a column slot slices
+``up``'s rows and replicates ``down``; a row slot slices ``down``'s input groups and replicates
+``up``, whose partial outputs the all-reduce sums.
 :class:`~eigenpatch.serving.vllm_modules.ShardModulesMethod` does the loading.
 """
 
@@ -16,8 +19,9 @@ import torch
 from torch import nn
 from vllm.model_executor.layers.linear import QKVParallelLinear
 
-from eigenpatch.format.quantized import QuantizedLinear
-from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns, slice_quantized
+from eigenpatch.format import LOWRANK_QUANTIZED
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
+from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns, slice_quantized, slice_quantized_pair
 from eigenpatch.serving.vllm_modules import ShardModulesMethod
 
 
@@ -41,8 +45,13 @@ class QuantizedLinearMethod(ShardModulesMethod):
             else:
                 self.slices.append(row_shard_columns(spec["in_features"], in_local, tp_rank))
                 shape = (in_local, spec["out_features"])
-            modules.append(QuantizedLinear(*shape, spec["bits"], spec["group"]))
+            if spec["kind"] == LOWRANK_QUANTIZED:
+                modules.append(QuantizedLowRankLinear(*shape, spec["rank"], spec["bits"], spec["group"]))
+            else:
+                modules.append(QuantizedLinear(*shape, spec["bits"], spec["group"]))
         return modules
 
     def local_slice(self, i: int, pname: str, loaded: torch.Tensor) -> torch.Tensor:
-        return slice_quantized(pname, loaded, self.specs[i], self.column, *self.slices[i])
+        spec = self.specs[i]
+        cut = slice_quantized_pair if spec["kind"] == LOWRANK_QUANTIZED else slice_quantized
+        return cut(pname, loaded, spec, self.column, *self.slices[i])

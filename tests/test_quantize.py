@@ -17,8 +17,8 @@ from conftest import make_tiny
 import eigenpatch
 from eigenpatch.cli import patch_model_main
 from eigenpatch.errors import EXIT_USAGE, UsageError
-from eigenpatch.format.quantized import QuantizedLinear, pack, unpack
-from eigenpatch.patchers import Quantize
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, pack, unpack
+from eigenpatch.patchers import LowRank, Quantize
 from eigenpatch.quantizer import quantize_gptq, quantize_rtn
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -132,7 +132,7 @@ def test_quantizing_a_quantized_checkpoint_is_refused(quantized_tiny):
         (["--bits", "5"], "--bits 5"),
         (["--bits", "0"], "--bits 0"),
         (["--bits", "4", "--group", "24"], "--group 24"),
-        (["--bits", "4", "--compress", "0.3"], "factor pairs"),
+        (["--bits", "4", "--structured-ffn", "blockdense"], "structured"),
     ],
 )
 def test_bad_flags_get_one_line_and_exit_2_before_loading(flags, says, tmp_path, capsys):
@@ -157,6 +157,97 @@ def test_patch_model_quantizes_out_of_core_like_in_memory(tiny_dir, tmp_path, ca
     for name, module in reference.named_modules():
         if isinstance(module, QuantizedLinear):
             assert torch.equal(loaded.get_submodule(name).qweight, module.qweight), name
+
+
+def test_patch_model_compresses_and_quantizes_in_one_command(tiny_dir, tmp_path, capsys):
+    """``--compress 0.3 --bits 4``: one engine run, out of core; every rank whole groups of 32."""
+    out = tmp_path / "c03-q4"
+    flags = ["--compress", "0.3", "--method", "svd", "--bits", "4", "--group", "32", "--quantizer", "rtn"]
+    assert patch_model_main([str(tiny_dir), *flags, "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized Linears, bytes vs bf16" in printed and "targeted Linears" in printed
+    report = json.loads((out / "eigenpatch_report.json").read_text())
+    assert report["out_of_core"]
+    ranks = report["steps"][0]["ranks"]
+    assert all(r % 32 == 0 for r in ranks.values() if r) and any(ranks.values())
+    loaded = eigenpatch.load(out)
+    pairs = [m for m in loaded.modules() if isinstance(m, QuantizedLowRankLinear)]
+    assert len(pairs) == sum(r is not None for r in ranks.values())
+    assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.fixture(scope="module")
+def quantized_pairs(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama compressed by 30 % (ranks in whole groups of 32) and then GPTQ int4: the two
+    factors of each pair quantized. Also the compressed model before quantization."""
+    from eigenpatch.zoo import resolve_text
+
+    text = resolve_text("news", "calib")
+    common = {"calib_windows": 8, "calib_seq_len": 64}
+    lowrank = LowRank(ratio=0.3, allocator="loss", factorizer="fwhiten", sequential=True, rank_multiple=32, **common)
+    compressed = make_tiny("llama")
+    eigenpatch.patch(compressed, lowrank, tokenizer=tiny_tokenizer, calib_text=text, show_progress=False)
+    model = make_tiny("llama")
+    recipe = [lowrank, Quantize(group=32, **common)]
+    report = eigenpatch.patch(model, recipe, tokenizer=tiny_tokenizer, calib_text=text, show_progress=False)
+    out = eigenpatch.save(model, tmp_path_factory.mktemp("pairs") / "c03-q4", tokenizer=tiny_tokenizer, report=report)
+    return model, compressed, out, report
+
+
+def test_compress_then_quantize_stores_each_factor_quantized(quantized_pairs):
+    model, _, out, report = quantized_pairs
+    pairs = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLowRankLinear)}
+    ranks = report["steps"][0]["ranks"]
+    assert pairs and len(pairs) == sum(r is not None for r in ranks.values())
+    assert all(r is None or r % 32 == 0 for r in ranks.values())  # whole groups: the int4 kernel runs both
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    pair = next(iter(pairs.values()))
+    assert pair.lowrank_down.kernel(x) == "int4pack" == pair.lowrank_up.kernel(x.new_empty(3, pair.rank))
+    step = report["steps"][1]
+    assert step["bytes_after"] <= 0.3 * step["bf16_bytes_before"]
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    name = next(iter(pairs))
+    assert layers[name] == {**pair.spec(), "kind": "lowrank_quantized"}
+    assert not any(n.startswith(f"{name}.") for n in layers)  # the factors are parts, not layers
+
+
+def test_a_quantized_pair_reloads_with_identical_logits_close_to_the_unquantized_pair(quantized_pairs):
+    model, compressed, out, _ = quantized_pairs
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        loaded = eigenpatch.load(out)
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+        reference = compressed(ids).logits
+        assert (expected - reference).norm() < 0.2 * reference.norm()
+
+
+def test_up_refitted_to_the_rounded_down_beats_rounding_each_factor_alone():
+    """GPTQ rounds ``down`` on the pair's inputs; ``up``, refitted to what the rounded ``down`` gives
+    it, absorbs that rounding. At 2 bits the pair's output error: measured 0.31 with the refit, 0.37
+    without, 0.46 for round-to-nearest."""
+    from eigenpatch.engine import Gram
+    from eigenpatch.format.lowrank import LowRankLinear
+    from eigenpatch.patchers.quantize.layers import QuantizeLayers
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 128) @ torch.randn(128, 128) * 0.3  # correlated inputs, as a layer's are
+    pair = LowRankLinear.from_factors(torch.randn(96, 64) / 8, torch.randn(64, 128) / 11)
+    acc = Gram()
+    acc.add(x)
+    gptq, rtn = (
+        QuantizeLayers(make_tiny("llama"), Quantize(bits=2, group=32, method=m), None) for m in ("gptq", "rtn")
+    )
+    with torch.no_grad():
+        y = pair(x)
+
+        def error(module: torch.nn.Module) -> float:
+            return float((module(x) - y).norm() / y.norm())
+
+        refit = error(gptq._round_pair(pair, acc.value, None))
+        alone = error(gptq._round_pair(pair, acc.value, None, refit=False))
+        nearest = error(rtn._round_pair(pair, None, None))
+    assert refit < 0.9 * alone and alone < 0.9 * nearest, (refit, alone, nearest)
 
 
 @pytest.mark.slow

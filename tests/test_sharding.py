@@ -118,3 +118,33 @@ def test_quantized_shards_are_quantized_linears_that_recombine_to_the_full_outpu
     rows = [(row_shard_columns(inp, inp // tp, r), r) for r in range(tp)]
     partial = sum(local(False, s, n)(x[:, s : s + n]) for (s, n), _ in rows)
     torch.testing.assert_close(partial, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_quantized_factor_pair_shards_recombine_to_the_full_output(tp):
+    """A quantized pair placed like a factor pair: column slots slice ``up``'s rows, row slots slice
+    ``down``'s input groups; each rank's slice is itself a quantized pair."""
+    from eigenpatch.format.quantized import QuantizedLowRankLinear
+    from eigenpatch.quantizer import quantize_rtn
+    from eigenpatch.serving.sharding import slice_quantized_pair
+
+    out, inp, rank, group = 64, 128, 32, 16
+    down = quantize_rtn(torch.randn(rank, inp), 4, group, fp16_scales=True).module()
+    up = quantize_rtn(torch.randn(out, rank), 4, group, fp16_scales=True).module()
+    full = QuantizedLowRankLinear.from_factors(down, up)
+    spec, stored = full.spec(), {n: p.data for n, p in full.named_parameters()}
+    x = torch.randn(3, inp)
+    expected = full(x)
+
+    def local(column: bool, start: int, length: int) -> QuantizedLowRankLinear:
+        module = QuantizedLowRankLinear(*((inp, length) if column else (length, out)), rank, 4, group)
+        for name, tensor in stored.items():
+            module.get_parameter(name).data = slice_quantized_pair(name, tensor, spec, column, start, length)
+        return module
+
+    columns = [local(True, *column_shard_rows(out, out // tp, r)) for r in range(tp)]
+    torch.testing.assert_close(torch.cat([m(x) for m in columns], -1), expected)
+    partial = sum(
+        local(False, s, n)(x[:, s : s + n]) for s, n in (row_shard_columns(inp, inp // tp, r) for r in range(tp))
+    )
+    torch.testing.assert_close(partial, expected, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,8 @@ from eigenpatch.errors import EXIT_USAGE
 from eigenpatch.format.checkpoint import verify_checkpoint
 from eigenpatch.format.verify import CheckpointError
 
-FACTOR = "model.layers.0.mlp.down_proj.lowrank_up"
+FACTOR = "model.layers.0.mlp.gate_proj.lowrank_up"
+PAIR_CODES = "model.layers.1.mlp.down_proj.lowrank_down.qweight"
 SHIFT = "model.layers.1.steer_out.vector"
 CODES = "model.layers.1.self_attn.q_proj.qweight"
 SCALES = "model.layers.0.self_attn.o_proj.scales"
@@ -54,6 +55,7 @@ DAMAGE = {
     "nan steering shift": (lambda w: _nan(w, SHIFT), None, SHIFT),
     "misshapen factor": (lambda w: _narrow(w, FACTOR), None, FACTOR),
     "missing codes": (lambda w: _drop(w, CODES), None, CODES),
+    "missing codes of a quantized factor": (lambda w: _drop(w, PAIR_CODES), None, PAIR_CODES),
     "misshapen codes": (lambda w: _narrow(w, CODES), None, CODES),
     "nan scale": (lambda w: _nan(w, SCALES), None, SCALES),
     "unstorable bit width": (None, _three_bits, QLAYER),
@@ -63,7 +65,8 @@ DAMAGE = {
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny Llama with factor pairs, quantized Linears and a steering shift (tensors of three kinds to damage)."""
+    """A tiny Llama with factor pairs, quantized Linears, quantized factor pairs (``down_proj``) and a
+    steering shift (tensors of four kinds to damage)."""
     from conftest import make_tiny
 
     from eigenpatch.format.steering import SteeringVectors
@@ -73,7 +76,8 @@ def good(tmp_path_factory, tiny_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("verify")
     vec = SteeringVectors({1: torch.ones(128)}).save(folder / "v.safetensors")
     mlp, attention = ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
-    recipe = [SVD(ratio=0.5, targets=mlp), Quantize(method="rtn", group=32, targets=attention), Steer(vectors=str(vec))]
+    quantized = Quantize(method="rtn", group=32, targets=(*attention, "down_proj"))
+    recipe = [SVD(ratio=0.5, targets=mlp), quantized, Steer(vectors=str(vec))]
     eigenpatch.patch(model, recipe, show_progress=False)
     return eigenpatch.save(model, folder / "good", tokenizer=tiny_tokenizer)
 

@@ -39,12 +39,16 @@ BLOCKDENSE = "blockdense"
 BLOCKSHUFFLE = "blockshuffle"
 #: A Linear stored as group-wise integer codes (:mod:`eigenpatch.format.quantized`).
 QUANTIZED = "quantized"
+#: A factor pair whose two factors are quantized Linears (``--compress`` with ``--bits``).
+LOWRANK_QUANTIZED = "lowrank_quantized"
+#: Kinds made of quantized Linears: vLLM runs them through the quantized linear method.
+QUANTIZED_KINDS = (QUANTIZED, LOWRANK_QUANTIZED)
 #: Kinds whose forward is ``up (down x)``: vLLM runs them through the factor-pair linear method.
 FACTOR_KINDS = (LOWRANK, LOWRANK_SHARED)
 #: Kinds with block-diagonal stages: vLLM runs them through the block linear method.
 BLOCK_KINDS = (BLOCKDENSE, BLOCKSHUFFLE)
 STRUCTURED_KINDS = (LOWRANK_SHARED, BLOCKDENSE, BLOCKSHUFFLE)
-LAYER_KINDS = (LOWRANK, *STRUCTURED_KINDS, QUANTIZED)
+LAYER_KINDS = (LOWRANK, *STRUCTURED_KINDS, *QUANTIZED_KINDS)
 
 # -- intervention kinds (``quantization_config.interventions[name]["kind"]``) --------------------
 PROJECT = "project"
@@ -65,6 +69,7 @@ TENSORS: dict[str, tuple[str, ...]] = {
     BLOCKDENSE: ("block_down", "block_up"),
     BLOCKSHUFFLE: ("shuffle_in", "shuffle_out"),
     QUANTIZED: ("qweight", "scales", "zeros"),
+    LOWRANK_QUANTIZED: tuple(f"{f}.{t}" for f in (DOWN_NAME, UP_NAME) for t in ("qweight", "scales", "zeros")),
     PROJECT: ("center", "basis_in", "basis_out"),
     SHIFT: ("vector",),
     SNAP: (),  # reads the model's own embedding table

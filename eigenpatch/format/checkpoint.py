@@ -34,13 +34,14 @@ from eigenpatch.format import (
     INTERVENTION_KINDS,
     LAYER_KINDS,
     LOWRANK,
+    LOWRANK_QUANTIZED,
     QUANT_METHOD,
-    QUANTIZED,
+    QUANTIZED_KINDS,
     REPORT_FILE,
 )
 from eigenpatch.format.interventions import Intervention, build_interventions, intervention_specs
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.format.quantized import QuantizedLinear
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
 from eigenpatch.format.structured import StructuredLinear, module_from_spec, premerge_enabled_by_env, set_premerge
 from eigenpatch.format.verify import (
     REBUILD,
@@ -54,7 +55,7 @@ from eigenpatch.format.verify import (
 )
 
 #: Modules whose tensors the format adds (and :mod:`eigenpatch.format.verify` checks).
-FORMAT_MODULES = (LowRankLinear, StructuredLinear, QuantizedLinear, Intervention)
+FORMAT_MODULES = (LowRankLinear, StructuredLinear, QuantizedLinear, QuantizedLowRankLinear, Intervention)
 
 
 class EigenpatchConfig(QuantizationConfigMixin):
@@ -109,7 +110,7 @@ class EigenpatchConfig(QuantizationConfigMixin):
 
 def layer_spec(module: nn.Module) -> dict[str, Any] | None:
     """The ``layers`` entry that rebuilds ``module``'s shapes (None: not a module the format stores)."""
-    if isinstance(module, (StructuredLinear, QuantizedLinear)):
+    if isinstance(module, (StructuredLinear, QuantizedLinear, QuantizedLowRankLinear)):
         return module.spec()
     if not isinstance(module, LowRankLinear):
         return None
@@ -120,6 +121,19 @@ def layer_spec(module: nn.Module) -> dict[str, Any] | None:
         "out_features": module.out_features,
         "bias": module.bias is not None,
     }
+
+
+def format_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module name: spec}`` for each module the format stores; the parts of a stored module (the
+    factors of a quantized pair) are its own, not layers of their own."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in layers):
+            continue
+        spec = layer_spec(module)
+        if spec is not None:
+            layers[name] = spec
+    return layers
 
 
 def build_patched_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
@@ -149,19 +163,21 @@ def build_patched_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -
         kw = {"device": old.weight.device, "dtype": old.weight.dtype}
         if spec["kind"] == LOWRANK:
             new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], **kw)
-        elif spec["kind"] == QUANTIZED:
+        elif spec["kind"] in QUANTIZED_KINDS:
             new = quantized_from_spec(name, spec, kw)
         else:
             new = module_from_spec(spec, model, kw)
         setattr(parent, child, new)
 
 
-def quantized_from_spec(name: str, spec: dict[str, Any], kw: dict[str, Any]) -> QuantizedLinear:
-    """An empty :class:`QuantizedLinear` of the stored shape; a width or group it cannot hold is refused."""
+def quantized_from_spec(name: str, spec: dict[str, Any], kw: dict[str, Any]) -> nn.Module:
+    """An empty quantized Linear or quantized factor pair of the stored shape; a width, group or rank
+    it cannot hold is refused with one line."""
     try:
-        return QuantizedLinear(
-            spec["in_features"], spec["out_features"], spec["bits"], spec["group"], spec["bias"], **kw
-        )
+        shape = (spec["in_features"], spec["out_features"])
+        if spec["kind"] == LOWRANK_QUANTIZED:
+            return QuantizedLowRankLinear(*shape, spec["rank"], spec["bits"], spec["group"], spec["bias"], **kw)
+        return QuantizedLinear(*shape, spec["bits"], spec["group"], spec["bias"], **kw)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
             f"quantization_config.layers[{name!r}] is not a valid quantized Linear ({exc}); {REBUILD}"
@@ -219,7 +235,7 @@ def attach_format(model: PreTrainedModel, recipe: list[dict[str, Any]], base_mod
     The model also gets the same ``hf_quantizer`` it would have after ``from_pretrained``, so an
     in-memory patched model and a reloaded one behave alike (saving, ``is_quantized``).
     """
-    layers = {name: spec for name, m in model.named_modules() if (spec := layer_spec(m)) is not None}
+    layers = format_layers(model)
     previous = getattr(model.config, "quantization_config", None)
     if previous is not None:
         prev = previous if isinstance(previous, dict) else previous.to_dict()

@@ -225,3 +225,82 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group={self.group}, bias={self.bias is not None}"
         )
+
+
+class QuantizedLowRankLinear(nn.Module):
+    """A factor pair ``y = up (down x) + b`` whose two factors are :class:`QuantizedLinear` s.
+
+    ``down`` is ``[r, in]`` (groups along the inputs), ``up`` is ``[out, r]`` (groups along the
+    rank), each with its own codes, scales and zero points; the bias stays in the compute dtype
+    beside them. Each factor picks its kernel as a quantized Linear does, so a pair runs as two
+    int4 GEMMs when both fit PyTorch's kernel: a rank that is a multiple of the group and of 16,
+    which ``--compress`` with ``--bits`` plans for.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bits: int,
+        group: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank <= 0:  # a tensor-parallel slice may hold fewer rows than the rank: no upper bound
+            raise ValueError(f"rank {rank} must be positive")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.bits, self.group = bits, group
+        self.lowrank_down = QuantizedLinear(in_features, rank, bits, group, device=device)
+        self.lowrank_up = QuantizedLinear(rank, out_features, bits, group, device=device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_factors(
+        cls, down: QuantizedLinear, up: QuantizedLinear, bias: torch.Tensor | None = None
+    ) -> QuantizedLowRankLinear:
+        """Wrap two quantized factors (taken as they are, not copied)."""
+        if (down.out_features, down.bits, down.group) != (up.in_features, up.bits, up.group):
+            raise ValueError(
+                f"factors do not chain: down {down.in_features}->{down.out_features} int{down.bits} g{down.group}, "
+                f"up {up.in_features}->{up.out_features} int{up.bits} g{up.group}"
+            )
+        kw = {"device": down.qweight.device, "dtype": None if bias is None else bias.dtype}
+        pair = cls(down.in_features, up.out_features, down.out_features, down.bits, down.group, bias is not None, **kw)
+        pair.lowrank_down, pair.lowrank_up = down, up
+        if bias is not None:
+            with torch.no_grad():
+                pair.bias.copy_(bias)
+        return pair
+
+    def stored_bytes(self) -> int:
+        return self.lowrank_down.stored_bytes() + self.lowrank_up.stored_bytes()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lowrank_up(self.lowrank_down(x))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` matrix the pair stands for (inspection and tests, never the hot path)."""
+        return self.lowrank_up.dequantized() @ self.lowrank_down.dequantized()
+
+    def spec(self) -> dict[str, Any]:
+        from eigenpatch.format import LOWRANK_QUANTIZED
+
+        return {
+            "kind": LOWRANK_QUANTIZED,
+            "rank": self.rank,
+            "bits": self.bits,
+            "group": self.group,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bits={self.bits}, group={self.group}, bias={self.bias is not None}"
+        )

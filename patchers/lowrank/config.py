@@ -45,6 +45,9 @@ class LowRank(TransformConfig):
     #: Sequential only: Adam steps per layer on its factor pairs so the layer's output matches the dense one.
     refine_steps: int = 0
     refine_lr: float = REFINE_LR
+    #: Every rank a multiple of this. ``--bits`` sets it to the quantizer's group (and 16), so each
+    #: quantized factor runs PyTorch's int4 kernel; 1 leaves the allocation as it is.
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -53,6 +56,8 @@ class LowRank(TransformConfig):
             raise UsageError(f"unknown allocator {self.allocator!r}; known: {', '.join(ALLOCATORS)}")
         if self.factorizer not in FACTORIZERS:
             raise UsageError(f"unknown factorizer {self.factorizer!r}; known: {', '.join(FACTORIZERS)}")
+        if self.rank_multiple < 1:
+            raise UsageError(f"rank_multiple must be 1 or more, got {self.rank_multiple}")
 
     @property
     def needs_data(self) -> bool:

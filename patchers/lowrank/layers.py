@@ -106,7 +106,8 @@ class LowRankLayers(LayerTransform):
         if self.kind == "raw":
             for name in self.outside:
                 self.spectra.setdefault(name, scaled_spectrum(self.model.get_submodule(name).weight))
-        return ALLOCATORS[self.config.allocator][0](self.shapes, self.config.ratio, self.spectra)
+        c = self.config
+        return ALLOCATORS[c.allocator][0](self.shapes, c.ratio, self.spectra, c.rank_multiple)
 
     def plan(self) -> Plan:
         if self.ranks is None:

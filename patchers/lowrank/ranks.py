@@ -51,33 +51,50 @@ def rank_details(shapes: Mapping[str, Shape], ranks: Mapping[str, int | None]) -
     }
 
 
-def _lrc(rank: int, shape: Shape) -> int | None:
-    """A rank, or ``None`` (stay dense) when the factor pair would not save parameters."""
+def _lrc(rank: int, shape: Shape, multiple: int = 1) -> int | None:
+    """A rank, or ``None`` (stay dense) when the factor pair would not save parameters.
+
+    ``multiple`` > 1 rounds the rank down to a multiple of it (at least one multiple): quantized
+    factors run PyTorch's int4 kernel only when the rank is whole groups (``--bits`` plans for it).
+    """
     out_f, in_f = shape
+    if multiple > 1:
+        rank = max(multiple, rank // multiple * multiple)
+        if rank > min(out_f, in_f):
+            return None
     return rank if factor_pair_saves(rank, in_f, out_f) else None
 
 
 def uniform_ranks(
-    shapes: Mapping[str, Shape], ratio: float, spectra: Mapping[str, torch.Tensor] | None = None
+    shapes: Mapping[str, Shape],
+    ratio: float,
+    spectra: Mapping[str, torch.Tensor] | None = None,
+    multiple: int = 1,
 ) -> Ranks:
     """Every matrix keeps the same fraction ``1 - ratio`` of its parameters (SVD-LLM's convention).
 
-    ``r = floor((1 - ratio) m n / (m + n))``, at least 1.
+    ``r = floor((1 - ratio) m n / (m + n))``, at least 1; with ``multiple``, the nearest multiple.
     """
     check_ratio(ratio)
-    return {
-        name: _lrc(max(1, int((1.0 - ratio) * out_f * in_f // (out_f + in_f))), (out_f, in_f))
-        for name, (out_f, in_f) in shapes.items()
-    }
+    ranks: Ranks = {}
+    for name, (out_f, in_f) in shapes.items():
+        rank = max(1, int((1.0 - ratio) * out_f * in_f // (out_f + in_f)))
+        if multiple > 1:
+            rank = round(rank / multiple) * multiple
+        ranks[name] = _lrc(rank, (out_f, in_f), multiple)
+    return ranks
 
 
-def threshold_ranks(shapes: Mapping[str, Shape], ratio: float, scores: Mapping[str, torch.Tensor]) -> Ranks:
+def threshold_ranks(
+    shapes: Mapping[str, Shape], ratio: float, scores: Mapping[str, torch.Tensor], multiple: int = 1
+) -> Ranks:
     """Keep every singular value whose score is >= ``tau``; binary-search ``tau`` to the budget.
 
     ``scores[name]`` must be non-increasing (one per singular value). The result spends as much
     of the budget ``(1 - ratio) * sum(m n)`` as possible without exceeding it; a matrix whose
     kept count reaches its break-even rank stays dense. The cost is monotone in ``tau``
-    (``min(r (m + n), m n)`` grows with ``r``), so bisection over the sorted scores is exact.
+    (``min(r (m + n), m n)`` grows with ``r``), so bisection over the sorted scores is exact;
+    ``multiple`` rounds each kept count down to whole multiples, which keeps it monotone.
     """
     check_ratio(ratio)
     budget = (1.0 - ratio) * sum(m * n for m, n in shapes.values())
@@ -88,7 +105,7 @@ def threshold_ranks(shapes: Mapping[str, Shape], ratio: float, scores: Mapping[s
         out: Ranks = {}
         for name in names:
             kept = len(ascending[name]) - int(torch.searchsorted(ascending[name], tau, right=False))
-            out[name] = _lrc(max(1, kept), shapes[name])
+            out[name] = _lrc(max(1, kept), shapes[name], multiple)
         return out
 
     candidates = torch.cat(list(ascending.values())).unique()  # sorted ascending
@@ -127,15 +144,20 @@ def loss_scores(spectrum: torch.Tensor, shape: Shape) -> torch.Tensor:
     return spectrum.square() / sum(shape)
 
 
-def welore_ranks(shapes: Mapping[str, Shape], ratio: float, spectra: Mapping[str, torch.Tensor]) -> Ranks:
-    return threshold_ranks(shapes, ratio, {n: welore_scores(spectra[n]) for n in shapes})
+def welore_ranks(
+    shapes: Mapping[str, Shape], ratio: float, spectra: Mapping[str, torch.Tensor], multiple: int = 1
+) -> Ranks:
+    return threshold_ranks(shapes, ratio, {n: welore_scores(spectra[n]) for n in shapes}, multiple)
 
 
-def loss_ranks(shapes: Mapping[str, Shape], ratio: float, spectra: Mapping[str, torch.Tensor]) -> Ranks:
-    return threshold_ranks(shapes, ratio, {n: loss_scores(spectra[n], shapes[n]) for n in shapes})
+def loss_ranks(
+    shapes: Mapping[str, Shape], ratio: float, spectra: Mapping[str, torch.Tensor], multiple: int = 1
+) -> Ranks:
+    return threshold_ranks(shapes, ratio, {n: loss_scores(spectra[n], shapes[n]) for n in shapes}, multiple)
 
 
-Allocator = Callable[[Mapping[str, Shape], float, Mapping[str, torch.Tensor]], Ranks]
+#: ``(shapes, ratio, spectra, multiple) -> ranks``.
+Allocator = Callable[..., Ranks]
 
 #: name -> (function, which spectrum it reads: None, "raw" (of W) or "loss" (of C W R, needs calibration))
 ALLOCATORS: dict[str, tuple[Allocator, str | None]] = {

@@ -37,7 +37,7 @@ def apply_lowrank(model: nn.Module, config: LowRank, context: PatchContext) -> T
                 spectra[name] = scaled_spectrum(lin.weight, stats.whitening[name], stats.output_scale[name])
             else:
                 spectra[name] = scaled_spectrum(lin.weight)
-    ranks = allocate(shapes, config.ratio, spectra)
+    ranks = allocate(shapes, config.ratio, spectra, config.rank_multiple)
     for name, lin in tqdm(linears.items(), desc=config.factorizer, unit="matrix", disable=not context.show_progress):
         if ranks[name] is None:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from eigenpatch.cli.pieces import CliPiece, ratio_of, register_piece
@@ -10,6 +11,9 @@ from eigenpatch.errors import UsageError
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
 from eigenpatch.recipe import TransformConfig
 from eigenpatch.table import fmt_bytes
+
+#: PyTorch's int4 kernel wants a multiple of 16 outputs: a ``down`` factor's rows are the rank.
+INT4_KERNEL_ROWS = 16
 
 
 class QuantizePiece(CliPiece):
@@ -20,6 +24,7 @@ class QuantizePiece(CliPiece):
     examples = (
         "patch-model --bits 4                               # GPTQ int4, groups of 64, layer by layer",
         "patch-model --bits 8 --quantizer rtn               # data-free rounding",
+        "patch-model --compress 0.3 --bits 4                # factor pairs, each factor int4",
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -51,16 +56,20 @@ class QuantizePiece(CliPiece):
         )
 
     def build(self, args: argparse.Namespace, earlier: list[TransformConfig]) -> TransformConfig | None:
-        from eigenpatch.patchers.quantize.config import Quantize
+        from eigenpatch.patchers.quantize.config import Quantize, check_bits_and_group
 
         if args.bits is None:
             return None
-        pairs = [c.name for c in earlier if c.name in ("lowrank", "svd", "structured_ffn")]
-        if pairs:
+        structured = [c.name for c in earlier if c.name == "structured_ffn"]
+        if structured:
             raise UsageError(
-                "--bits with --compress or --structured-ffn: quantized factor pairs are not stored yet; "
-                "quantize the dense model, or compress without --bits"
+                "--bits with --structured-ffn: block-structured FFNs are not quantized; quantize the dense model "
+                "or a --compress one"
             )
+        check_bits_and_group(args.bits, args.group)
+        for config in earlier:  # factor pairs with whole groups of rank run the int4 kernel (docs/quantize.md)
+            if hasattr(config, "rank_multiple"):
+                config.rank_multiple = math.lcm(config.rank_multiple, args.group, INT4_KERNEL_ROWS)
         return Quantize(
             bits=args.bits,
             group=args.group,

@@ -67,5 +67,10 @@ class Quantize(TransformConfig):
 
     @classmethod
     def example(cls, workdir: Path, model: nn.Module) -> list[TransformConfig]:
-        """GPTQ int4 of the attention on a few short windows (the FFN is the RTN example's)."""
-        return [cls(group=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"), calib_windows=8, calib_seq_len=64)]
+        """GPTQ int4 of the attention on a few short windows, ``o_proj`` first made a factor pair
+        (data-free, its rank whole groups) so the runtimes see both quantized kinds."""
+        from eigenpatch.patchers.lowrank.config import LowRank
+
+        pair = LowRank(ratio=0.3, targets=("o_proj",), rank_multiple=32)
+        attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+        return [pair, cls(group=32, targets=attention, calib_windows=8, calib_seq_len=64)]

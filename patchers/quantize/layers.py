@@ -8,6 +8,12 @@ same. Within a layer the Linears are taken in the order they run, grouped by sha
 (q/k/v, then o, then gate/up, then down): o_proj is rounded on what the quantized q/k/v give it.
 Linears that share an input share one Gram. ``rtn`` needs no data, so the fit pass then carries
 no streams at all.
+
+A factor pair (``--compress`` before ``--bits``) becomes two quantized factors. ``down`` is rounded
+by GPTQ against the pair's input Gram ``G``. Then ``up`` is refitted to what the rounded ``down``
+gives it, ``U' = U D G D_q^T (D_q G D_q^T)^-1`` (least squares on ``U D x``, an ``r x r`` solve),
+and rounded by GPTQ against ``D_q G D_q^T``, the Gram of its own inputs: so ``up`` absorbs
+``down``'s rounding instead of adding its own to it. No second pass over the data is needed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from torch import nn
 
 from eigenpatch.engine import Calibration, Gram, LayerStep, LayerTransform, Needs, input_groups, layer_prefixes
 from eigenpatch.errors import UsageError
-from eigenpatch.format.quantized import QuantizedLinear
+from eigenpatch.format.lowrank import LowRankLinear
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
 from eigenpatch.patchers.quantize.config import Quantize
 from eigenpatch.patchers.targets import find_linears, replace_module
 from eigenpatch.quantizer import BlockQuant, quantize_gptq, quantize_rtn
@@ -27,6 +34,8 @@ from eigenpatch.recipe import PatchContext
 
 #: What a dense weight costs in the reference deployment dtype, per value (bytes are reported against bf16).
 BF16_BYTES = 2
+#: Ridge of the ``up`` refit's solve, as a fraction of its Gram's mean diagonal.
+REFIT_DAMP = 1e-4
 
 
 class QuantizeLayers(LayerTransform):
@@ -35,7 +44,7 @@ class QuantizeLayers(LayerTransform):
     def __init__(self, model: nn.Module, config: Quantize, context: PatchContext) -> None:
         self.config, self.context = config, context
         self.name = f"{config.method} int{config.bits}"
-        if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        if any(isinstance(m, (QuantizedLinear, QuantizedLowRankLinear)) for m in model.modules()):
             raise UsageError("this checkpoint is already quantized; quantize the unquantized model instead")
         prefixes = layer_prefixes(model)
         self.inside: dict[int, list[str]] = {}
@@ -59,10 +68,10 @@ class QuantizeLayers(LayerTransform):
         names = self.inside.get(step.index, [])
         for name in names:
             module = step.layer.get_submodule(name)
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, (nn.Linear, LowRankLinear)):
                 raise UsageError(
-                    f"{step.prefix}{name} is a {type(module).__name__}, not a dense Linear: quantizing factor "
-                    "pairs (--compress with --bits) is not supported yet"
+                    f"{step.prefix}{name} is a {type(module).__name__}; --bits quantizes dense Linears and "
+                    "factor pairs, not structured FFNs"
                 )
         if not names:
             return None
@@ -76,13 +85,34 @@ class QuantizeLayers(LayerTransform):
                     acc.add(x)
                 gram = acc.value
             for name in group:
-                linear: nn.Linear = step.layer.get_submodule(name)
-                bias = None if linear.bias is None else linear.bias.detach()
-                quantized = self._round(linear.weight, gram).module(bias).to(linear.weight.device)
-                replace_module(step.layer, name, quantized)
-                before += linear.weight.numel() * BF16_BYTES
+                module = step.layer.get_submodule(name)
+                bias = None if module.bias is None else module.bias.detach()
+                if isinstance(module, LowRankLinear):
+                    quantized: nn.Module = self._round_pair(module, gram, bias)
+                    before += (module.lowrank_down.numel() + module.lowrank_up.numel()) * BF16_BYTES
+                else:
+                    quantized = self._round(module.weight, gram).module(bias)
+                    before += module.weight.numel() * BF16_BYTES
+                replace_module(step.layer, name, quantized.to(next(module.parameters()).device))
                 after += quantized.stored_bytes()
         return {"matrices": len(names), "bf16_bytes": before, "bytes": after}
+
+    def _round_pair(
+        self, pair: LowRankLinear, gram: torch.Tensor | None, bias: torch.Tensor | None, refit: bool = True
+    ) -> QuantizedLowRankLinear:
+        """Both factors of a pair, ``up`` refitted to the rounded ``down`` (see the module docstring;
+        ``refit=False`` rounds ``up`` as it is, for the test that measures what the refit gains)."""
+        down, up = pair.lowrank_down.detach(), pair.lowrank_up.detach()
+        qdown = self._round(down, gram)
+        if gram is None:
+            return QuantizedLowRankLinear.from_factors(qdown.module(), self._round(up, None).module(), bias)
+        g = gram.double()
+        d, dq = down.double(), torch.from_numpy(qdown.dequantize()).double()
+        gz = dq @ g @ dq.T  # the Gram of what the rounded down gives up
+        ridge = REFIT_DAMP * gz.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gz), dtype=gz.dtype)
+        target = torch.linalg.solve(gz + ridge, (up.double() @ d @ g @ dq.T).T).T if refit else up
+        qup = self._round(target.to(up.dtype), gz.to(gram.dtype))
+        return QuantizedLowRankLinear.from_factors(qdown.module(), qup.module(), bias)
 
     def details(self, records: list[Any]) -> dict[str, Any]:
         done = [r for r in records if r]
