@@ -2,6 +2,7 @@
 
     python bench/decode_speed.py --patched patched/smollm2-135m-loss-fwhiten-c0.5
     python bench/decode_speed.py --patched P05 P03 --runtimes transformers onnx --repeats 5
+    python bench/decode_speed.py --patched Q4 --runtimes vllm --vllm-int4 torch vllm   # int4 kernels in vLLM
 
 Runtimes: ``transformers`` (eager, fp32, as ``eigenpatch.load`` gives it), ``onnx`` (the fp32
 graph ``eigenpatch export`` writes, in ONNX Runtime's CPU provider) and ``vllm`` (``eigenpatch
@@ -217,6 +218,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vllm-dtype", default="bfloat16")
+    parser.add_argument(
+        "--vllm-int4",
+        nargs="+",
+        default=[],
+        metavar="KERNEL",
+        help="serve each patched checkpoint once per EIGENPATCH_VLLM_INT4 value (auto, vllm, torch): "
+        "which int4 kernel its quantized Linears run in vLLM (docs/quantize.md)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_speed.json")
     args = parser.parse_args()
     if args.worker:
@@ -239,6 +248,10 @@ def main() -> None:
         "decode": [w[: args.decode_prompt] for w in windows[: args.concurrency]],
         "steps": args.decode_steps,
     }
+    if args.vllm_int4:  # one row per kernel: the same folder served with each EIGENPATCH_VLLM_INT4
+        models = {"dense": models["dense"]} | {
+            f"{label} [{k}]": folder for label, folder in models.items() if label != "dense" for k in args.vllm_int4
+        }
     sizes = {label: weight_bytes(folder) for label, folder in models.items()}
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="eigenpatch-decode-bench-") as tmp:
@@ -303,7 +316,11 @@ def measure_servers(
             port = free_port()
             # no prefix cache: the repeats send the same prompts, and a cached prefill is no prefill
             extra = ["--dtype", args.vllm_dtype, "--max-model-len", "1024", "--no-enable-prefix-caching"]
+            kernel = label.rpartition(" [")[2].rstrip("]") if label.endswith("]") else None
+            if kernel:
+                os.environ["EIGENPATCH_VLLM_INT4"] = kernel  # the server's environment is a copy of ours
             process = serve(folder, port=port, extra=extra, foreground=False)
+            os.environ.pop("EIGENPATCH_VLLM_INT4", None)
             sampler = PeakSampler(process.pid)
             sampler.start()
             servers[label] = (f"http://127.0.0.1:{port}", folder.name, process, sampler)

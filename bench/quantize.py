@@ -2,7 +2,7 @@
 
     python bench/quantize.py                       # the table in docs/quantize.md
     python bench/quantize.py --calib-windows 128   # GPTQ on README command 1's calibration
-    python bench/quantize.py --configs gptq:4:32 c0.3+gptq:4:64 --onnx --out bench/results/quantize_onnx.json
+    python bench/quantize.py --configs gptq:4:32 c0.3+gptq:4:64 --onnx gptq:4:32 --out bench/results/q.json
 
 In one process, from one dense model: the dense fp32 model, then ``quantize`` at each
 ``METHOD:BITS:GROUP`` of ``--configs`` (every decoder Linear; head and embedding stay), each
@@ -107,16 +107,22 @@ def onnx_rows(model: torch.nn.Module, tokenizer, folder: Path, wiki: list[int]) 
     """``{precision: {bytes, ppl_wiki}}`` of ``model`` exported as stored (float32) and with int4 weights."""
     from export_speed import onnx_perplexity
 
-    from eigenpatch.export.onnx import export_onnx
+    from eigenpatch.export.onnx import ExportFailed, export_onnx
     from eigenpatch.export.precision import onnx_bytes
     from eigenpatch.export.runtime import OnnxCausalLM
 
     out = {}
     for precision in ("float32", "int4"):
         target = folder / f"onnx-{precision}"
-        export_onnx(model, tokenizer, target, precision=precision, verify=precision == "float32")
+        row: dict = {}
+        try:
+            meta = export_onnx(model, target, tokenizer, precision=precision, verify=precision == "float32")
+            row["parity"] = meta.get("parity")
+        except ExportFailed as exc:  # kept as a result, and the graph scored anyway
+            row["parity_failed"] = str(exc)
+            export_onnx(model, target, tokenizer, precision=precision, verify=False, force=True)
         ppl = onnx_perplexity(OnnxCausalLM(target, provider="CPU"), wiki)
-        out[precision] = {"bytes": onnx_bytes(target), "ppl_wiki": round(ppl, 2)}
+        out[precision] = row | {"bytes": onnx_bytes(target), "ppl_wiki": round(ppl, 2)}
         shutil.rmtree(target)
     return out
 
@@ -136,7 +142,12 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=4096, help="eval tokens per text")
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--onnx", action="store_true", help="also export each checkpoint and score it in ONNX Runtime")
+    parser.add_argument(
+        "--onnx",
+        nargs="*",
+        metavar="CONFIG",
+        help="also export and score in ONNX Runtime the dense model and these configs (none named: all)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "quantize.json")
     args = parser.parse_args()
 
@@ -156,7 +167,8 @@ def main() -> None:
     ]
     wiki = texts["wiki"].view(-1).tolist()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.onnx:
+        onnx = None if args.onnx is None else set(args.onnx or args.configs)
+        if onnx:
             rows[0]["onnx"] = onnx_rows(base, tokenizer, Path(tmp), wiki)
         print(rows[0], flush=True)
         for spec in args.configs:
@@ -180,7 +192,7 @@ def main() -> None:
                 "disk_bytes": weights_bytes(out),
                 "ppl": ppl(loaded),
             }
-            if args.onnx:
+            if onnx and spec in onnx:
                 row["onnx"] = onnx_rows(loaded, tokenizer, Path(tmp), wiki)
             loaded = loaded.to(torch.bfloat16)
             row["decode_s_per_token"] = decode_seconds(loaded, prompt, args.decode_tokens)
@@ -204,13 +216,13 @@ def main() -> None:
     ]
     header = ["config", "Linears", "x bf16", "on disk", "ppl wiki", "ppl news", "s", "decode x bf16", "bf16 kernel"]
     print(format_table(header, table))
-    if args.onnx:
-        onnx = []
-        for r in rows:
+    if onnx:
+        onnx_table = []
+        for r in (r for r in rows if "onnx" in r):
             cells = [(fmt_bytes(r["onnx"][p]["bytes"]), r["onnx"][p]["ppl_wiki"]) for p in ("float32", "int4")]
-            onnx.append([r["config"], *(x for cell in cells for x in cell)])
+            onnx_table.append([r["config"], *(x for cell in cells for x in cell)])
         header = ["config", "ONNX as stored", "ppl wiki (ORT)", "ONNX --weights int4", "ppl wiki (ORT)"]
-        print(format_table(header, onnx))
+        print(format_table(header, onnx_table))
     torch_threads = torch.get_num_threads()
     write_result(
         args.out,

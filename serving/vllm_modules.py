@@ -53,7 +53,7 @@ class ShardModulesMethod(LinearMethodBase):
         column = not isinstance(layer, RowParallelLinear)
         parallel = isinstance(layer, ColumnParallelLinear | RowParallelLinear)  # ReplicatedLinear: whole layer
         tp_rank, tp_size = (layer.tp_rank, layer.tp_size) if parallel else (0, 1)
-        self.column, self.tp_rank, self.tp_size = column, tp_rank, tp_size
+        self.column, self.tp_rank, self.tp_size, self.params_dtype = column, tp_rank, tp_size, params_dtype
         rows = list(output_partition_sizes)
         modules = self.local_modules(layer, column, tp_rank, tp_size, input_size_per_partition, rows, params_dtype)
         if column and [m.out_features for m in modules] != rows:

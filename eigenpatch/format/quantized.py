@@ -165,10 +165,22 @@ class QuantizedLinear(nn.Module):
 
     def kernel(self, x: torch.Tensor) -> str:
         """Which computation :meth:`forward` uses for ``x``: ``"int4pack"`` or ``"dequantize"``."""
+        return self._kernel_for(x.dtype, x.device.type)
+
+    def prepare(self, dtype: torch.dtype) -> str:
+        """Build the kernel's packed copy now for activations of ``dtype`` (on the codes' device), not
+        on the first forward: a compiled forward (vLLM's ``torch.compile``) must find it built, or it
+        traces the packing into every call. Returns the kernel that will run."""
+        kernel = self._kernel_for(dtype, self.qweight.device.type)
+        if kernel == "int4pack":
+            self._int4pack()
+        return kernel
+
+    def _kernel_for(self, dtype: torch.dtype, device_type: str) -> str:
         fits = (
             self.bits == 4
-            and x.dtype == torch.bfloat16
-            and x.device.type == "cpu"
+            and dtype == torch.bfloat16
+            and device_type == "cpu"
             and self.group in INT4_KERNEL_GROUPS
             and self.out_features % 16 == 0
             and self.in_features % self.group == 0

@@ -31,7 +31,13 @@ class QuantizePiece(CliPiece):
         from eigenpatch.patchers.quantize.config import DEFAULT_GROUP, METHODS
 
         g = parser.add_argument_group("weight-only quantization (group-wise int codes, scales and zero points)")
-        g.add_argument("--bits", type=int, metavar="N", help="bits per weight: 8, 4 or 2 (default: no quantization)")
+        g.add_argument(
+            "--bits",
+            type=int,
+            metavar="N",
+            help="bits per weight: 8, 4 or 2 (default: no quantization); with --compress, both factors of each pair, "
+            "ranks planned in whole groups",
+        )
         g.add_argument(
             "--group",
             type=int,
