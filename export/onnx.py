@@ -50,7 +50,7 @@ from eigenpatch.export.precision import (
     replace_graph,
 )
 from eigenpatch.export.runtime import META_FILE, MODEL_FILE, OnnxCausalLM
-from eigenpatch.export.stored import dequantized_linears, map_stored, quantized_modules
+from eigenpatch.export.stored import dequantized_linears, map_stored, quantized_modules, stored_dtype_tensors
 from eigenpatch.export.tensorrt import TensorRTFailed, build_engine, tensorrt_unavailable
 from eigenpatch.format.interventions import token_identities_removed
 from eigenpatch.format.quantized import reference_parameter
@@ -193,7 +193,7 @@ def export_onnx(
     check_block(block)
     if tensorrt and (reason := tensorrt_unavailable()) is not None:
         raise UsageError(reason)
-    stored = {id(t) for m in quantized_modules(model).values() for t in m.stored()}
+    stored = stored_dtype_tensors(model)
     if any(p.dtype != torch.float32 for p in model.parameters() if id(p) not in stored):
         raise UsageError("ONNX export (and its fp32 parity check) needs the model loaded in float32")
     model.eval()

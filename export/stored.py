@@ -5,7 +5,8 @@ as a plain Linear holding the weight its codes mean (exact in fp32), so the trac
 norms are those of any model. Each MatMul whose weight is exactly one of those is then replaced
 by ``MatMulNBits`` on the stored codes, scales and zero points: the two formats share one byte
 layout, so nothing is rounded again and the file holds the checkpoint's bytes. The parity check
-runs on the mapped graph.
+runs on the mapped graph. A corrected quantized Linear's base is mapped the same way; its fp16
+correction pair stays two fp32 MatMuls beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from eigenpatch.export.weight_only import nbits_node, save_rewritten, targets
+from eigenpatch.format.corrected import CORRECTION_DTYPE, CorrectedQuantizedLinear
 from eigenpatch.format.quantized import QuantizedLinear
 from eigenpatch.quantizer import BlockQuant
 
@@ -34,13 +36,27 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+def stored_dtype_tensors(model: nn.Module) -> set[int]:
+    """Ids of the tensors whose dtype the format fixes whatever the model computes in (codes,
+    scales, zero points, fp16 corrections): not a sign that the model was loaded in another dtype."""
+    ids = {id(t) for m in quantized_modules(model).values() for t in m.stored()}
+    for m in model.modules():
+        if isinstance(m, CorrectedQuantizedLinear):
+            ids |= {id(m.correction_down), id(m.correction_up)}
+    return ids
+
+
 @contextmanager
 def dequantized_linears(model: nn.Module) -> Iterator[dict[str, BlockQuant]]:
     """Within the block each quantized Linear is an fp32 ``nn.Linear`` of the weight it stands for;
     yields the stored codes keyed by that weight's bytes. The modules are put back after."""
     swapped: list[tuple[nn.Module, str, QuantizedLinear]] = []
     codes: dict[str, BlockQuant] = {}
+    corrections = [m for m in model.modules() if isinstance(m, CorrectedQuantizedLinear)]
     try:
+        for module in corrections:  # fp16 -> fp32 is exact: the graph's MatMuls read fp32 factors
+            module.correction_down.data = module.correction_down.data.float()
+            module.correction_up.data = module.correction_up.data.float()
         for name, module in quantized_modules(model).items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -57,6 +73,9 @@ def dequantized_linears(model: nn.Module) -> Iterator[dict[str, BlockQuant]]:
     finally:
         for parent, child, module in swapped:
             setattr(parent, child, module)
+        for module in corrections:
+            module.correction_down.data = module.correction_down.data.to(CORRECTION_DTYPE)
+            module.correction_up.data = module.correction_up.data.to(CORRECTION_DTYPE)
 
 
 def map_stored(folder: Path, model_file: str, codes: dict[str, BlockQuant]) -> dict[str, Any]:

@@ -132,3 +132,17 @@ def slice_quantized_pair(pname: str, tensor: Any, spec: dict[str, Any], column: 
     # the sliced factor as a quantized Linear of its own: up is rank -> out, down is in -> rank
     own = {**spec, "in_features": spec["rank"]} if factor == UP_NAME else {**spec, "out_features": spec["rank"]}
     return slice_quantized(name, tensor, own, column, start, length)
+
+
+def slice_quantized_corrected(
+    pname: str, tensor: Any, spec: dict[str, Any], column: bool, start: int, length: int
+) -> Any:
+    """One rank's part of a corrected quantized Linear's tensor: ``base.*`` as a quantized Linear,
+    the correction as a factor pair (``correction_up``'s rows in a column slot, ``correction_down``'s
+    input columns in a row slot; the other factor replicated)."""
+    part, _, name = pname.partition(".")
+    if part == "base":
+        return slice_quantized(name, tensor, spec, column, start, length)
+    if column:
+        return tensor.narrow(0, start, length) if pname == "correction_up" else tensor
+    return tensor.narrow(1, start, length) if pname == "correction_down" else tensor

@@ -61,18 +61,21 @@ class ShardModulesMethod(LinearMethodBase):
                 f"eigenpatch: {self.shard_names} give rows {[m.out_features for m in modules]}, vLLM expects {rows}"
             )
         layer.eigenpatch_pending = modules  # filled by the loaders, installed after loading
-        for pname in self.tensor_names(modules[0]):
-            sizes = [m.get_parameter(pname).numel() for m in modules]
+        for pname in self.tensor_names(modules):
+            sizes = [m.get_parameter(pname).numel() if _has(m, pname) else 0 for m in modules]
             offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-            dtype = modules[0].get_parameter(pname).dtype
+            dtype = next(m.get_parameter(pname).dtype for m in modules if _has(m, pname))
             flat = Parameter(torch.empty(sum(sizes), dtype=dtype), requires_grad=False)
             flat.weight_loader = self._loader(pname, modules, offsets)
             owner, leaf = _owner(layer, pname)
             owner.register_parameter(leaf, flat)
 
     @staticmethod
-    def tensor_names(module: nn.Module) -> list[str]:
-        return [n for n, _ in module.named_parameters() if n != "bias"]
+    def tensor_names(modules: list[nn.Module]) -> list[str]:
+        """Every stored tensor name of the shards, in order (fused shards may be of different kinds:
+        q/k corrected beside a plain v; a name then lives only in the shards that store it)."""
+        names = [n for m in modules for n, _ in m.named_parameters() if n != "bias"]
+        return list(dict.fromkeys(names))
 
     def _loader(self, pname: str, modules: list[nn.Module], offsets: list[int]) -> Any:
         def load(param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
@@ -91,9 +94,9 @@ class ShardModulesMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         modules = layer.eigenpatch_pending
-        for pname in self.tensor_names(modules[0]):
+        for pname in self.tensor_names(modules):
             flat, offset = layer.get_parameter(pname), 0
-            for m in modules:
+            for m in (m for m in modules if _has(m, pname)):
                 target = m.get_parameter(pname)
                 target.data = flat.data[offset : offset + target.numel()].view_as(target).clone()
                 target.requires_grad_(False)
@@ -110,6 +113,14 @@ class ShardModulesMethod(LinearMethodBase):
         outputs = [self.forward_shard(m, x) for m in layer.eigenpatch_modules]
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
+
+
+def _has(module: nn.Module, pname: str) -> bool:
+    try:
+        module.get_parameter(pname)
+    except AttributeError:
+        return False
+    return True
 
 
 def _owner(layer: nn.Module, pname: str) -> tuple[nn.Module, str]:

@@ -9,7 +9,8 @@ vLLM's own int4 kernel (:mod:`.vllm_int4`: Marlin / Machete on GPUs, ``cpu_gemm_
 when asked for).
 A quantized factor pair (``lowrank_quantized``) is placed like a factor pair: a column slot slices
 ``up``'s rows and replicates ``down``; a row slot slices ``down``'s input groups and replicates
-``up``, whose partial outputs the all-reduce sums.
+``up``, whose partial outputs the all-reduce sums. A corrected quantized Linear
+(``quantized_corrected``) slices its base like a quantized Linear and its correction like a factor pair.
 :class:`~eigenpatch.serving.vllm_modules.ShardModulesMethod` does the loading.
 """
 
@@ -21,9 +22,16 @@ import torch
 from torch import nn
 from vllm.model_executor.layers.linear import QKVParallelLinear
 
-from eigenpatch.format import LOWRANK_QUANTIZED
+from eigenpatch.format import LOWRANK_QUANTIZED, QUANTIZED_CORRECTED
+from eigenpatch.format.corrected import CorrectedQuantizedLinear
 from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
-from eigenpatch.serving.sharding import column_shard_rows, row_shard_columns, slice_quantized, slice_quantized_pair
+from eigenpatch.serving.sharding import (
+    column_shard_rows,
+    row_shard_columns,
+    slice_quantized,
+    slice_quantized_corrected,
+    slice_quantized_pair,
+)
 from eigenpatch.serving.vllm_int4 import use_vllm_kernels
 from eigenpatch.serving.vllm_modules import ShardModulesMethod
 
@@ -50,6 +58,8 @@ class QuantizedLinearMethod(ShardModulesMethod):
                 shape = (in_local, spec["out_features"])
             if spec["kind"] == LOWRANK_QUANTIZED:
                 modules.append(QuantizedLowRankLinear(*shape, spec["rank"], spec["bits"], spec["group"]))
+            elif spec["kind"] == QUANTIZED_CORRECTED:
+                modules.append(CorrectedQuantizedLinear(*shape, spec["rank"], spec["bits"], spec["group"]))
             else:
                 modules.append(QuantizedLinear(*shape, spec["bits"], spec["group"]))
         return modules
@@ -60,5 +70,5 @@ class QuantizedLinearMethod(ShardModulesMethod):
 
     def local_slice(self, i: int, pname: str, loaded: torch.Tensor) -> torch.Tensor:
         spec = self.specs[i]
-        cut = slice_quantized_pair if spec["kind"] == LOWRANK_QUANTIZED else slice_quantized
-        return cut(pname, loaded, spec, self.column, *self.slices[i])
+        cut = {LOWRANK_QUANTIZED: slice_quantized_pair, QUANTIZED_CORRECTED: slice_quantized_corrected}
+        return cut.get(spec["kind"], slice_quantized)(pname, loaded, spec, self.column, *self.slices[i])

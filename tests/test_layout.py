@@ -75,6 +75,7 @@ def test_every_registered_transform_lives_in_a_room_with_its_four_parts():
 
 
 def test_format_constants_match_the_stored_modules():
+    from eigenpatch.format.corrected import CorrectedQuantizedLinear
     from eigenpatch.format.interventions import INTERVENTION_CLASSES
     from eigenpatch.format.lowrank import LowRankLinear
     from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
@@ -92,6 +93,7 @@ def test_format_constants_match_the_stored_modules():
         fmt.SHIFT: INTERVENTION_CLASSES[fmt.SHIFT](8),
         fmt.QUANTIZED: QuantizedLinear(32, 8, 4, 32),
         fmt.LOWRANK_QUANTIZED: QuantizedLowRankLinear(64, 32, 32, 4, 32),
+        fmt.QUANTIZED_CORRECTED: CorrectedQuantizedLinear(64, 32, 8, 4, 32),
     }
     for kind, module in modules.items():
         assert tuple(name for name, _ in module.named_parameters()) == fmt.TENSORS[kind], kind

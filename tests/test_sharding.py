@@ -148,3 +148,31 @@ def test_quantized_factor_pair_shards_recombine_to_the_full_output(tp):
         local(False, s, n)(x[:, s : s + n]) for s, n in (row_shard_columns(inp, inp // tp, r) for r in range(tp))
     )
     torch.testing.assert_close(partial, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_corrected_quantized_shards_recombine_to_the_full_output(tp):
+    """The base is sliced as a quantized Linear, the fp16 correction as a factor pair."""
+    from eigenpatch.format.corrected import CorrectedQuantizedLinear
+    from eigenpatch.quantizer import quantize_rtn
+    from eigenpatch.serving.sharding import slice_quantized_corrected
+
+    out, inp, rank, group = 64, 128, 8, 16
+    base = quantize_rtn(torch.randn(out, inp), 2, group, fp16_scales=True).module()
+    full = CorrectedQuantizedLinear.from_parts(base, torch.randn(out, rank), torch.randn(rank, inp))
+    spec, stored = full.spec(), {n: p.data for n, p in full.named_parameters()}
+    x = torch.randn(3, inp)
+    expected = full(x)
+
+    def local(column: bool, start: int, length: int) -> CorrectedQuantizedLinear:
+        module = CorrectedQuantizedLinear(*((inp, length) if column else (length, out)), rank, 2, group)
+        for name, tensor in stored.items():
+            module.get_parameter(name).data = slice_quantized_corrected(name, tensor, spec, column, start, length)
+        return module
+
+    columns = [local(True, *column_shard_rows(out, out // tp, r)) for r in range(tp)]
+    torch.testing.assert_close(torch.cat([m(x) for m in columns], -1), expected)
+    partial = sum(
+        local(False, s, n)(x[:, s : s + n]) for s, n in (row_shard_columns(inp, inp // tp, r) for r in range(tp))
+    )
+    torch.testing.assert_close(partial, expected, rtol=1e-3, atol=1e-3)

@@ -25,6 +25,8 @@ SHIFT = "model.layers.1.steer_out.vector"
 CODES = "model.layers.1.self_attn.q_proj.qweight"
 SCALES = "model.layers.0.self_attn.o_proj.scales"
 QLAYER = "model.layers.0.self_attn.k_proj"
+CORRECTION = "model.layers.1.self_attn.v_proj.correction_up"
+CORRECTED_CODES = "model.layers.0.self_attn.v_proj.base.qweight"
 
 
 def _drop(w: dict, name: str) -> None:
@@ -57,6 +59,9 @@ DAMAGE = {
     "missing codes": (lambda w: _drop(w, CODES), None, CODES),
     "missing codes of a quantized factor": (lambda w: _drop(w, PAIR_CODES), None, PAIR_CODES),
     "misshapen codes": (lambda w: _narrow(w, CODES), None, CODES),
+    "missing correction": (lambda w: _drop(w, CORRECTION), None, CORRECTION),
+    "nan correction": (lambda w: _nan(w, CORRECTION), None, CORRECTION),
+    "missing codes of a corrected Linear": (lambda w: _drop(w, CORRECTED_CODES), None, CORRECTED_CODES),
     "nan scale": (lambda w: _nan(w, SCALES), None, SCALES),
     "unstorable bit width": (None, _three_bits, QLAYER),
     "layer that does not exist": (None, _extra_layer, "model.layers.99.mlp.up_proj"),
@@ -65,20 +70,23 @@ DAMAGE = {
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny Llama with factor pairs, quantized Linears, quantized factor pairs (``down_proj``) and a
-    steering shift (tensors of four kinds to damage)."""
+    """A tiny Llama with factor pairs, quantized Linears, quantized factor pairs (``down_proj``),
+    corrected quantized Linears (``v_proj``) and a steering shift (tensors of five kinds to damage)."""
     from conftest import make_tiny
 
     from eigenpatch.format.steering import SteeringVectors
     from eigenpatch.patchers import SVD, Quantize, Steer
+    from eigenpatch.zoo import resolve_text
 
     model = make_tiny("llama")
     folder = tmp_path_factory.mktemp("verify")
     vec = SteeringVectors({1: torch.ones(128)}).save(folder / "v.safetensors")
     mlp, attention = ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
-    quantized = Quantize(method="rtn", group=32, targets=(*attention, "down_proj"))
+    quantized = Quantize(method="rtn", group=32, targets=(*attention, "down_proj"), calib_windows=4, calib_seq_len=64)
+    quantized.correction_rank, quantized.correction_targets, quantized.fisher_windows = 4, ("v_proj",), 2
     recipe = [SVD(ratio=0.5, targets=mlp), quantized, Steer(vectors=str(vec))]
-    eigenpatch.patch(model, recipe, show_progress=False)
+    text = resolve_text("news", "calib")
+    eigenpatch.patch(model, recipe, tokenizer=tiny_tokenizer, calib_text=text, show_progress=False)
     return eigenpatch.save(model, folder / "good", tokenizer=tiny_tokenizer)
 
 

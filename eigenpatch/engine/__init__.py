@@ -8,10 +8,12 @@ what is listed in ``__all__`` is the step API. The rest of the core reaches the 
   :class:`~.shards.CheckpointLayers`);
 - :mod:`.state`: one run state (fingerprint, folder, resume point);
 - :mod:`.stats` and :mod:`.fisher`: the statistics the engine computes for transforms;
+- :mod:`.refine`: block-local refinement of a layer's chosen tensors against the dense stream;
 - :mod:`.passes`: the passes themselves (:func:`~.passes.run_engine`);
 - :mod:`.memory`: peak memory, and handing freed memory back between layers.
 """
 
+from eigenpatch.engine.refine import refine_parameters
 from eigenpatch.engine.state import Plan
 from eigenpatch.engine.stats import Gram, input_groups, paired_grams
 from eigenpatch.engine.streams import LayerStep, call_layer, layer_prefixes
@@ -29,4 +31,5 @@ __all__ = [
     "input_groups",
     "layer_prefixes",
     "paired_grams",
+    "refine_parameters",
 ]

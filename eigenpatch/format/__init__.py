@@ -7,7 +7,8 @@ ONNX). Runtimes import this package and never a transform. ``docs/FORMAT.md`` de
 people; each constant below is defined here once and nowhere else.
 
 - :mod:`~eigenpatch.format.lowrank`, :mod:`~eigenpatch.format.structured`,
-  :mod:`~eigenpatch.format.quantized`, :mod:`~eigenpatch.format.interventions`: the modules a
+  :mod:`~eigenpatch.format.quantized`, :mod:`~eigenpatch.format.corrected`,
+  :mod:`~eigenpatch.format.interventions`: the modules a
   checkpoint stores;
 - :mod:`~eigenpatch.format.steering`: the steering-vector file and its fingerprint;
 - :mod:`~eigenpatch.format.checkpoint`: ``quantization_config``, the transformers quantizer,
@@ -41,8 +42,10 @@ BLOCKSHUFFLE = "blockshuffle"
 QUANTIZED = "quantized"
 #: A factor pair whose two factors are quantized Linears (``--compress`` with ``--bits``).
 LOWRANK_QUANTIZED = "lowrank_quantized"
+#: A quantized Linear plus a low-rank correction of its rounding error (:mod:`eigenpatch.format.corrected`).
+QUANTIZED_CORRECTED = "quantized_corrected"
 #: Kinds made of quantized Linears: vLLM runs them through the quantized linear method.
-QUANTIZED_KINDS = (QUANTIZED, LOWRANK_QUANTIZED)
+QUANTIZED_KINDS = (QUANTIZED, LOWRANK_QUANTIZED, QUANTIZED_CORRECTED)
 #: Kinds whose forward is ``up (down x)``: vLLM runs them through the factor-pair linear method.
 FACTOR_KINDS = (LOWRANK, LOWRANK_SHARED)
 #: Kinds with block-diagonal stages: vLLM runs them through the block linear method.
@@ -70,6 +73,7 @@ TENSORS: dict[str, tuple[str, ...]] = {
     BLOCKSHUFFLE: ("shuffle_in", "shuffle_out"),
     QUANTIZED: ("qweight", "scales", "zeros"),
     LOWRANK_QUANTIZED: tuple(f"{f}.{t}" for f in (DOWN_NAME, UP_NAME) for t in ("qweight", "scales", "zeros")),
+    QUANTIZED_CORRECTED: ("correction_down", "correction_up", "base.qweight", "base.scales", "base.zeros"),
     PROJECT: ("center", "basis_in", "basis_out"),
     SHIFT: ("vector",),
     SNAP: (),  # reads the model's own embedding table

@@ -36,9 +36,11 @@ from eigenpatch.format import (
     LOWRANK,
     LOWRANK_QUANTIZED,
     QUANT_METHOD,
+    QUANTIZED_CORRECTED,
     QUANTIZED_KINDS,
     REPORT_FILE,
 )
+from eigenpatch.format.corrected import CorrectedQuantizedLinear
 from eigenpatch.format.interventions import Intervention, build_interventions, intervention_specs
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
@@ -55,7 +57,9 @@ from eigenpatch.format.verify import (
 )
 
 #: Modules whose tensors the format adds (and :mod:`eigenpatch.format.verify` checks).
-FORMAT_MODULES = (LowRankLinear, StructuredLinear, QuantizedLinear, QuantizedLowRankLinear, Intervention)
+#: Modules whose tensors the format stores (a stored module's parts are checked as its own).
+QUANTIZED_MODULES = (QuantizedLinear, QuantizedLowRankLinear, CorrectedQuantizedLinear)
+FORMAT_MODULES = (LowRankLinear, StructuredLinear, *QUANTIZED_MODULES, Intervention)
 
 
 class EigenpatchConfig(QuantizationConfigMixin):
@@ -110,7 +114,7 @@ class EigenpatchConfig(QuantizationConfigMixin):
 
 def layer_spec(module: nn.Module) -> dict[str, Any] | None:
     """The ``layers`` entry that rebuilds ``module``'s shapes (None: not a module the format stores)."""
-    if isinstance(module, (StructuredLinear, QuantizedLinear, QuantizedLowRankLinear)):
+    if isinstance(module, (StructuredLinear, *QUANTIZED_MODULES)):
         return module.spec()
     if not isinstance(module, LowRankLinear):
         return None
@@ -177,6 +181,8 @@ def quantized_from_spec(name: str, spec: dict[str, Any], kw: dict[str, Any]) -> 
         shape = (spec["in_features"], spec["out_features"])
         if spec["kind"] == LOWRANK_QUANTIZED:
             return QuantizedLowRankLinear(*shape, spec["rank"], spec["bits"], spec["group"], spec["bias"], **kw)
+        if spec["kind"] == QUANTIZED_CORRECTED:
+            return CorrectedQuantizedLinear(*shape, spec["rank"], spec["bits"], spec["group"], spec["bias"], **kw)
         return QuantizedLinear(*shape, spec["bits"], spec["group"], spec["bias"], **kw)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(

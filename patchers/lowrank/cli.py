@@ -62,8 +62,8 @@ class LowRankPiece(CliPiece):
             type=int,
             default=DEFAULT_REFINE_STEPS,
             metavar="N",
-            help="layer by layer: Adam steps per layer on its factor pairs so its output matches the dense "
-            "layer's (0: closed-form fit only; default %(default)s)",
+            help="layer by layer: Adam steps per layer on its factor pairs (and with --correct, on its "
+            "corrections) so its output matches the dense layer's (0: closed-form fit only; default %(default)s)",
         )
         g.add_argument(
             "--fisher-windows",

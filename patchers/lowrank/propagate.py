@@ -31,11 +31,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from eigenpatch.calibration import trainable_only
-from eigenpatch.engine import LayerStep, call_layer, input_groups, paired_grams
+from eigenpatch.engine import LayerStep, input_groups, paired_grams, refine_parameters
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.patchers.lowrank.factorize import InputScaling, pair_of_scaled, whitening
 from eigenpatch.patchers.targets import replace_module
@@ -44,9 +42,6 @@ from eigenpatch.patchers.targets import replace_module
 DAMP = 0.1
 #: Adam's learning rate for block-local refinement of the factor pairs.
 REFINE_LR = 1e-4
-#: Batches on which refinement's before / after error is measured (to keep its result or undo it):
-#: on all 32 of the default windows, the two measurements cost 5 of a layer's 42 s (SmolLM2).
-ERROR_BATCHES = 8
 
 
 def damped_whitening(gram: torch.Tensor, damp: float = DAMP) -> tuple[InputScaling, float]:
@@ -81,37 +76,10 @@ def refit(
 
 
 def refine_layer(step: LayerStep, steps: int, lr: float = REFINE_LR) -> dict[str, float]:
-    """Block-local refinement: Adam on the layer's factor pairs (nothing else) so that the whole
-    layer's output on its propagated inputs matches the dense stream's next hidden states.
-
-    Returns the mean squared error before and after, on the first :data:`ERROR_BATCHES` batches (a
-    quarter of the default windows, at a quarter of the forwards); the factors are restored when
-    it did not drop.
-    """
+    """Block-local refinement of the layer's factor pairs (nothing else) towards the dense stream's
+    next hidden states (:func:`eigenpatch.engine.refine_parameters`)."""
     factors = [p for m in step.layer.modules() if isinstance(m, LowRankLinear) for p in (m.lowrank_up, m.lowrank_down)]
-    targets = step.dense_outputs()
-
-    def error() -> float:
-        pairs = list(zip(step.inputs, step.kwargs, targets, strict=True))[:ERROR_BATCHES]
-        return sum(F.mse_loss(call_layer(step.layer, h, kw), t).item() for h, kw, t in pairs) / len(pairs)
-
-    before, saved = error(), [p.detach().clone() for p in factors]
-    optimizer = torch.optim.Adam(factors, lr=lr)
-    with trainable_only(step.layer, factors), torch.enable_grad():
-        for i in range(steps):
-            b = i % len(targets)
-            out = step.layer(step.inputs[b], **step.kwargs[b])
-            loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, targets[b])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    after = error()
-    if not after < before:
-        with torch.no_grad():
-            for p, s in zip(factors, saved, strict=True):
-                p.copy_(s)
-        after = before
-    return {"before": before, "after": after}
+    return refine_parameters(step, factors, steps, lr)
 
 
 def factorize_layer(

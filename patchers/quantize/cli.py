@@ -25,6 +25,7 @@ class QuantizePiece(CliPiece):
         "patch-model --bits 4                               # GPTQ int4, groups of 64, layer by layer",
         "patch-model --bits 8 --quantizer rtn               # data-free rounding",
         "patch-model --compress 0.3 --bits 4                # factor pairs, each factor int4",
+        "patch-model --bits 2 --group 32 --correct 32       # int2 plus a rank-32 correction of each error",
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,15 @@ class QuantizePiece(CliPiece):
         )
         g.add_argument("--symmetric", action="store_true", help="zero point fixed at the middle level")
         g.add_argument(
+            "--correct",
+            type=int,
+            default=0,
+            metavar="RANK",
+            help="add to each quantized Linear a rank-RANK correction of its rounding error, fitted on the "
+            "propagated inputs and weighted by the output Fisher, then refined (--refine-steps), stored in fp16 "
+            "(default: none)",
+        )
+        g.add_argument(
             "--quantize-targets",
             nargs="+",
             default=list(DEFAULT_TARGETS),
@@ -81,6 +91,9 @@ class QuantizePiece(CliPiece):
             group=args.group,
             method=args.quantizer,
             symmetric=args.symmetric,
+            correction_rank=args.correct,
+            refine_steps=args.refine_steps if args.correct else 0,
+            fisher_windows=args.fisher_windows,
             targets=tuple(args.quantize_targets),
             calib_windows=args.calib_windows,
             calib_seq_len=args.calib_seq_len,
@@ -88,11 +101,16 @@ class QuantizePiece(CliPiece):
         )
 
     def output_name(self, args: argparse.Namespace) -> str:
-        return "" if args.bits is None else f"-{args.quantizer}-int{args.bits}-g{args.group}"
+        if args.bits is None:
+            return ""
+        return f"-{args.quantizer}-int{args.bits}-g{args.group}" + (f"-r{args.correct}" if args.correct else "")
 
     def summary_rows(self, step: dict[str, Any]) -> list[list[str]]:
         before, after = step["bf16_bytes_before"], step["bytes_after"]
-        label = f"quantized Linears, bytes vs bf16 ({step['method']} int{step['bits']}, group {step['group']})"
+        how = f"{step['method']} int{step['bits']}, group {step['group']}"
+        if step.get("correction_rank"):
+            how += f", rank-{step['correction_rank']} corrections"
+        label = f"quantized Linears, bytes vs bf16 ({how})"
         return [[label, fmt_bytes(before), fmt_bytes(after), ratio_of(before, after)]]
 
     def summary_lines(self, step: dict[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from eigenpatch.calibration import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
+from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from eigenpatch.errors import UsageError
 from eigenpatch.format.quantized import BITS
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
@@ -48,6 +48,19 @@ class Quantize(TransformConfig):
     #: GPTQ rounds the most excited inputs first (with the groups' grids fixed beforehand).
     act_order: bool = True
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    #: Rank of a low-rank correction of each dense Linear's rounding error (0: none), fitted in
+    #: the whitened input space of the propagated inputs (``correct.py``) and stored in fp16.
+    correction_rank: int = 0
+    #: Weight the correction by the output Fisher (one backward pass over ``fisher_windows``
+    #: windows) so it spends its rank where the loss is sensitive, not only where outputs move.
+    correction_fisher: bool = True
+    #: Which of ``targets`` (last name components) get the correction; None: all of them.
+    correction_targets: tuple[str, ...] | None = None
+    #: Adam steps of block-local refinement of each layer's corrections towards the dense layer's
+    #: outputs, after the layer is rounded (0: the closed form alone).
+    refine_steps: int = 0
+    refine_lr: float = 1e-3
+    fisher_windows: int = DEFAULT_FISHER_WINDOWS
     calib_windows: int = DEFAULT_WINDOWS
     calib_seq_len: int = DEFAULT_SEQ_LEN
     seed: int = DEFAULT_SEED
@@ -56,11 +69,25 @@ class Quantize(TransformConfig):
         check_bits_and_group(self.bits, self.group)
         if self.method not in METHODS:
             raise UsageError(f"unknown quantizer {self.method!r}; known: {', '.join(METHODS)}")
+        if self.correction_rank < 0:
+            raise UsageError(f"--correct {self.correction_rank}: a correction rank is 0 (none) or positive")
         self.targets = tuple(self.targets)
+        if self.correction_targets is not None:
+            self.correction_targets = tuple(self.correction_targets)
+
+    def correction_rank_of(self, name: str) -> int:
+        """The correction rank of Linear ``name`` (any dotted name; its last component decides)."""
+        leaf = name.rpartition(".")[2]
+        chosen = self.correction_targets is None or leaf in self.correction_targets
+        return self.correction_rank if chosen else 0
 
     @property
     def needs_data(self) -> bool:
-        return self.method == "gptq"
+        return self.method == "gptq" or self.correction_rank > 0
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.correction_rank > 0 and self.correction_fisher
 
     def touched_linears(self) -> tuple[str, ...]:
         return self.targets
@@ -68,9 +95,12 @@ class Quantize(TransformConfig):
     @classmethod
     def example(cls, workdir: Path, model: nn.Module) -> list[TransformConfig]:
         """GPTQ int4 of the attention on a few short windows, ``o_proj`` first made a factor pair
-        (data-free, its rank whole groups) so the runtimes see both quantized kinds."""
+        (data-free, its rank whole groups) and q/k corrected at rank 8, so the runtimes see every
+        quantized kind."""
         from eigenpatch.patchers.lowrank.config import LowRank
 
         pair = LowRank(ratio=0.3, targets=("o_proj",), rank_multiple=32)
         attention = ("q_proj", "k_proj", "v_proj", "o_proj")
-        return [pair, cls(group=32, targets=attention, calib_windows=8, calib_seq_len=64)]
+        quantize = cls(group=32, targets=attention, calib_windows=8, calib_seq_len=64, fisher_windows=2)
+        quantize.correction_rank, quantize.correction_targets = 8, ("q_proj", "k_proj")  # v_proj stays plain
+        return [pair, quantize]

@@ -14,6 +14,11 @@ by GPTQ against the pair's input Gram ``G``. Then ``up`` is refitted to what the
 gives it, ``U' = U D G D_q^T (D_q G D_q^T)^-1`` (least squares on ``U D x``, an ``r x r`` solve),
 and rounded by GPTQ against ``D_q G D_q^T``, the Gram of its own inputs: so ``up`` absorbs
 ``down``'s rounding instead of adding its own to it. No second pass over the data is needed.
+
+With ``correction_rank`` each dense Linear also gets a low-rank correction of its rounding error
+(:mod:`.correct`), fitted on the same Gram right after it is rounded, so the Linears after it in
+the layer are rounded against inputs the corrected Linear gives. Factor pairs get none: their
+rank is already where a correction would go.
 """
 
 from __future__ import annotations
@@ -23,11 +28,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigenpatch.engine import Calibration, Gram, LayerStep, LayerTransform, Needs, input_groups, layer_prefixes
+from eigenpatch.engine import (
+    Calibration,
+    Gram,
+    LayerStats,
+    LayerStep,
+    LayerTransform,
+    Needs,
+    input_groups,
+    layer_prefixes,
+    refine_parameters,
+)
 from eigenpatch.errors import UsageError
+from eigenpatch.format.corrected import CORRECTION_DTYPE, CorrectedQuantizedLinear
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
+from eigenpatch.patchers.lowrank.factorize import output_weighting
 from eigenpatch.patchers.quantize.config import Quantize
+from eigenpatch.patchers.quantize.correct import correction
 from eigenpatch.patchers.targets import find_linears, replace_module
 from eigenpatch.quantizer import BlockQuant, quantize_gptq, quantize_rtn
 from eigenpatch.recipe import PatchContext
@@ -44,7 +62,8 @@ class QuantizeLayers(LayerTransform):
     def __init__(self, model: nn.Module, config: Quantize, context: PatchContext) -> None:
         self.config, self.context = config, context
         self.name = f"{config.method} int{config.bits}"
-        if any(isinstance(m, (QuantizedLinear, QuantizedLowRankLinear)) for m in model.modules()):
+        stored = (QuantizedLinear, QuantizedLowRankLinear, CorrectedQuantizedLinear)
+        if any(isinstance(m, stored) for m in model.modules()):
             raise UsageError("this checkpoint is already quantized; quantize the unquantized model instead")
         prefixes = layer_prefixes(model)
         self.inside: dict[int, list[str]] = {}
@@ -53,14 +72,27 @@ class QuantizeLayers(LayerTransform):
             if index is not None:
                 self.inside.setdefault(index, []).append(name.removeprefix(prefixes[index]))
 
+        self.out_scales: dict[str, torch.Tensor] = {}  # the output Fisher's weights, per full name
+
     def needs(self) -> Needs:
         c = self.config
-        return Needs(calibration=Calibration(c.calib_windows, c.calib_seq_len, c.seed) if c.needs_data else None)
+        return Needs(
+            calibration=Calibration(c.calib_windows, c.calib_seq_len, c.seed) if c.needs_data else None,
+            output_fisher=dict(self.inside) if c.needs_fisher else {},
+            fisher_windows=c.fisher_windows if c.needs_fisher else 0,
+            score_windows=c.fisher_windows,
+            scores=c.needs_fisher,
+        )
+
+    def score(self, step: LayerStep, stats: LayerStats) -> None:
+        for name, fisher in stats.fisher.items():
+            if name.startswith(step.prefix) and name.removeprefix(step.prefix) in self.inside.get(step.index, ()):
+                self.out_scales[name] = output_weighting(fisher)
 
     def _round(self, weight: torch.Tensor, gram: torch.Tensor | None) -> BlockQuant:
         c = self.config
         grid = {"fp16_scales": True, "symmetric": c.symmetric}
-        if gram is None:
+        if gram is None or c.method == "rtn":
             return quantize_rtn(weight, c.bits, c.group, **grid)
         return quantize_gptq(weight, gram, c.bits, c.group, act_order=c.act_order, **grid)
 
@@ -91,11 +123,40 @@ class QuantizeLayers(LayerTransform):
                     quantized: nn.Module = self._round_pair(module, gram, bias)
                     before += (module.lowrank_down.numel() + module.lowrank_up.numel()) * BF16_BYTES
                 else:
-                    quantized = self._round(module.weight, gram).module(bias)
+                    quantized = self._round_dense(module.weight, gram, bias, step.prefix + name)
                     before += module.weight.numel() * BF16_BYTES
                 replace_module(step.layer, name, quantized.to(next(module.parameters()).device))
                 after += quantized.stored_bytes()
-        return {"matrices": len(names), "bf16_bytes": before, "bytes": after}
+        record: dict[str, Any] = {"matrices": len(names), "bf16_bytes": before, "bytes": after}
+        if self.config.refine_steps and self.config.needs_data:
+            record["refine"] = self._refine(step)
+        return record
+
+    def _refine(self, step: LayerStep) -> dict[str, float] | None:
+        """Block-local refinement of the layer's corrections, in fp32, stored back in fp16."""
+        corrected = [m for m in step.layer.modules() if isinstance(m, CorrectedQuantizedLinear)]
+        if not corrected:
+            return None
+        params = [p for m in corrected for p in (m.correction_down, m.correction_up)]
+        for p in params:
+            p.data = p.data.float()
+        try:
+            return refine_parameters(step, params, self.config.refine_steps, self.config.refine_lr)
+        finally:
+            for p in params:
+                p.data = p.data.to(CORRECTION_DTYPE)
+
+    def _round_dense(
+        self, weight: torch.Tensor, gram: torch.Tensor | None, bias: torch.Tensor | None, full_name: str
+    ) -> nn.Module:
+        """A dense Linear's codes, and with ``correction_rank`` its correction (:mod:`.correct`)."""
+        rounded = self._round(weight, gram)
+        rank = self.config.correction_rank_of(full_name)
+        if not rank:
+            return rounded.module(bias)
+        error = weight.detach().float() - torch.from_numpy(rounded.dequantize())
+        up, down = correction(error, rank, gram, self.out_scales.get(full_name))
+        return CorrectedQuantizedLinear.from_parts(rounded.module(), up, down, bias)
 
     def _round_pair(
         self, pair: LowRankLinear, gram: torch.Tensor | None, bias: torch.Tensor | None, refit: bool = True
@@ -121,7 +182,16 @@ class QuantizeLayers(LayerTransform):
             "bits": c.bits,
             "group": c.group,
             "method": c.method,
+            "correction_rank": c.correction_rank,
             "quantized": sum(r["matrices"] for r in done),
             "bf16_bytes_before": sum(r["bf16_bytes"] for r in done),
+            "refine_error_ratio": _ratio([r["refine"] for r in done if r.get("refine")]),
             "bytes_after": sum(r["bytes"] for r in done),
         }
+
+
+def _ratio(refined: list[dict[str, float]]) -> float | None:
+    """Mean over layers of the refined layer's output error over the closed form's (None: no refinement)."""
+    if not refined:
+        return None
+    return round(sum(r["after"] / max(r["before"], 1e-30) for r in refined) / len(refined), 4)

@@ -1,0 +1,157 @@
+"""Low-rank correction of the rounding error (``Quantize(correction_rank=k)``, ``--correct K``).
+
+The math on synthetic matrices (whitening and the output Fisher put the rank where the error
+matters), then a tiny Llama through the engine, the format and a reload. Quality on real weights
+is measured in ``bench/quantize.py``'s correction rows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import eigenpatch
+from eigenpatch.cli import patch_model_main
+from eigenpatch.errors import EXIT_USAGE
+from eigenpatch.format.corrected import CorrectedQuantizedLinear
+from eigenpatch.format.quantized import QuantizedLinear
+from eigenpatch.patchers import Quantize
+from eigenpatch.patchers.quantize.correct import correction, remaining
+from eigenpatch.quantizer import quantize_rtn
+
+
+def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight, its 2-bit rounding error and the Gram of correlated inputs (a few strong directions)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(96, 128, generator=g) / 11
+    mix = torch.randn(128, 128, generator=g) * torch.logspace(0, -2, 128)  # decaying input spectrum
+    x = torch.randn(4096, 128, generator=g) @ mix.T
+    error = w - torch.from_numpy(quantize_rtn(w, 2, 32).dequantize())
+    return w, error, x.T @ x
+
+
+def test_the_whitened_correction_takes_back_more_output_error_than_plain_svd():
+    _, error, gram = _problem()
+    left = remaining(error, torch.zeros(96, 1), torch.zeros(1, 128), gram)
+    plain = remaining(error, *correction(error, 16), gram)
+    whitened = remaining(error, *correction(error, 16, gram), gram)
+    assert whitened < 0.5 * plain < 0.5 * left, (whitened, plain, left)
+    more = remaining(error, *correction(error, 32, gram), gram)
+    assert more < whitened
+
+
+def test_the_output_fisher_spends_the_rank_on_the_outputs_the_loss_weighs():
+    _, error, gram = _problem(1)
+    weights = torch.ones(96)
+    weights[:8] = 100.0  # eight outputs the loss is sensitive to
+    heavy = slice(0, 8)
+
+    def left_on_heavy(up: torch.Tensor, down: torch.Tensor) -> float:
+        return remaining(error[heavy], up[heavy], down, gram)
+
+    assert left_on_heavy(*correction(error, 8, gram, weights.sqrt())) < 0.2 * left_on_heavy(*correction(error, 8, gram))
+
+
+def test_a_corrected_linear_adds_its_pair_and_keeps_fp16_factors_through_a_cast():
+    w, _, _ = _problem()
+    base = quantize_rtn(w, 2, 32, fp16_scales=True).module()
+    up, down = torch.randn(96, 4), torch.randn(4, 128)
+    module = CorrectedQuantizedLinear.from_parts(base, up, down, bias=torch.randn(96))
+    x = torch.randn(3, 128)
+    expected = x @ (base.dequantized() + up.half().float() @ down.half().float()).T + module.bias
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4)
+    module.to(torch.bfloat16)
+    assert module.correction_up.dtype == torch.float16 and module.base.scales.dtype == torch.float16
+    assert module.stored_bytes() == base.stored_bytes() + 2 * 4 * (96 + 128)
+
+
+@pytest.fixture(scope="module")
+def corrected_tiny(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama, GPTQ int2 (groups of 32) with and without rank-16 corrections; the first saved."""
+    from eigenpatch.zoo import resolve_text
+
+    text = resolve_text("news", "calib")
+    common = {"bits": 2, "group": 32, "calib_windows": 8, "calib_seq_len": 64, "fisher_windows": 4}
+    models, reports = {}, {}
+    for rank in (0, 16):
+        models[rank] = make_tiny("llama")
+        config = Quantize(correction_rank=rank, **common)
+        reports[rank] = eigenpatch.patch(
+            models[rank], config, tokenizer=tiny_tokenizer, calib_text=text, show_progress=False
+        )
+    out = eigenpatch.save(models[16], tmp_path_factory.mktemp("corrected") / "q2r16", tokenizer=tiny_tokenizer)
+    return models, reports, out
+
+
+def test_each_quantized_linear_gets_its_correction_and_the_bytes_count_it(corrected_tiny):
+    models, reports, out = corrected_tiny
+    corrected = {n: m for n, m in models[16].named_modules() if isinstance(m, CorrectedQuantizedLinear)}
+    assert len(corrected) == 14 and all(m.rank == 16 for m in corrected.values())
+    extra = sum(m.correction_bytes() for m in corrected.values())
+    assert reports[16]["steps"][0]["bytes_after"] == reports[0]["steps"][0]["bytes_after"] + extra
+    assert reports[16]["steps"][0]["correction_rank"] == 16
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    name, module = next(iter(corrected.items()))
+    assert layers[name] == {**module.spec(), "kind": "quantized_corrected"}
+    assert not any(n.startswith(f"{name}.") for n in layers)  # the base is a part, not a layer
+
+
+def test_the_correction_brings_the_model_closer_to_dense_and_reloads_identically(corrected_tiny, tiny_tokenizer):
+    from eigenpatch.evaluate import tokenize
+    from eigenpatch.zoo import resolve_text
+
+    models, _, out = corrected_tiny
+    ids = tokenize(tiny_tokenizer, resolve_text("news", "eval"), 512).view(4, 128)
+    with torch.no_grad():
+        dense = make_tiny("llama")(ids).logits
+
+        def error(m: torch.nn.Module) -> float:
+            return float((m(ids).logits - dense).norm())
+
+        assert error(models[16]) < 0.8 * error(models[0]), (error(models[16]), error(models[0]))
+        loaded = eigenpatch.load(out)
+        assert isinstance(loaded.model.layers[0].mlp.down_proj.base, QuantizedLinear)
+        assert loaded.model.layers[0].mlp.down_proj.correction_up.dtype == torch.float16
+        torch.testing.assert_close(loaded(ids).logits, models[16](ids).logits, rtol=0, atol=0)
+
+
+def test_a_negative_correction_rank_gets_one_line_and_exit_2(tmp_path, capsys):
+    flags = ["--bits", "2", "--correct", "-1", "-o", str(tmp_path / "out")]
+    assert patch_model_main([str(tmp_path / "no-such-model"), *flags]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert "--correct -1" in err and len(err.splitlines()) == 1
+
+
+def test_block_local_refinement_lowers_each_layers_output_error(tiny_tokenizer):
+    """Adam on the corrections only (fp32 while it trains, fp16 after), against the dense layer's outputs."""
+    from eigenpatch.zoo import resolve_text
+
+    model = make_tiny("llama")
+    config = Quantize(bits=2, group=32, correction_rank=16, refine_steps=32, calib_windows=8, calib_seq_len=64)
+    config.fisher_windows = 4
+    report = eigenpatch.patch(
+        model, config, tokenizer=tiny_tokenizer, calib_text=resolve_text("news", "calib"), show_progress=False
+    )
+    assert report["steps"][0]["refine_error_ratio"] < 0.9  # measured 0.51
+    assert all(
+        m.correction_up.dtype == torch.float16 for m in model.modules() if isinstance(m, CorrectedQuantizedLinear)
+    )
+
+
+def test_patch_model_corrects_out_of_core(tiny_tokenizer, tmp_path, capsys):
+    """``patch-model --bits 2 --correct 8``: layer by layer from the shards, refined, reloadable."""
+    source, out = tmp_path / "tiny", tmp_path / "q2r8"
+    make_tiny("llama").save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    flags = ["--bits", "2", "--group", "32", "--correct", "8", "--refine-steps", "4", "--fisher-windows", "2"]
+    flags += ["--calib-windows", "4", "--calib-seq-len", "64"]
+    assert patch_model_main([str(source), *flags, "-o", str(out)]) == 0
+    assert "rank-8 corrections" in capsys.readouterr().out
+    report = json.loads((out / "eigenpatch_report.json").read_text())
+    assert report["out_of_core"] and report["steps"][0]["correction_rank"] == 8
+    loaded = eigenpatch.load(out)
+    assert sum(isinstance(m, CorrectedQuantizedLinear) for m in loaded.modules()) == 14
+    assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
