@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eigenpatch.format.quantized import QuantizedLinear
+from eigenpatch.format.quantized import QuantizedLinear, ranked_repr, ranked_spec
 
 #: The correction factors' storage dtype: fixed (not the model's), so their bytes are the same in
 #: every checkpoint and a bf16 cast of the model does not round them a second time.
@@ -101,18 +101,7 @@ class CorrectedQuantizedLinear(nn.Module):
     def spec(self) -> dict[str, Any]:
         from eigenpatch.format import QUANTIZED_CORRECTED
 
-        return {
-            "kind": QUANTIZED_CORRECTED,
-            "rank": self.rank,
-            "bits": self.bits,
-            "group": self.group,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
+        return ranked_spec(self, QUANTIZED_CORRECTED)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bits={self.bits}, group={self.group}, bias={self.bias is not None}"
-        )
+        return ranked_repr(self)

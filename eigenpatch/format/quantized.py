@@ -301,18 +301,27 @@ class QuantizedLowRankLinear(nn.Module):
     def spec(self) -> dict[str, Any]:
         from eigenpatch.format import LOWRANK_QUANTIZED
 
-        return {
-            "kind": LOWRANK_QUANTIZED,
-            "rank": self.rank,
-            "bits": self.bits,
-            "group": self.group,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
+        return ranked_spec(self, LOWRANK_QUANTIZED)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bits={self.bits}, group={self.group}, bias={self.bias is not None}"
-        )
+        return ranked_repr(self)
+
+
+def ranked_spec(module: nn.Module, kind: str) -> dict[str, Any]:
+    """The ``layers`` entry of a quantized module with a rank (a quantized pair, a corrected Linear)."""
+    return {
+        "kind": kind,
+        "rank": module.rank,
+        "bits": module.bits,
+        "group": module.group,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+    }
+
+
+def ranked_repr(module: nn.Module) -> str:
+    return (
+        f"in_features={module.in_features}, out_features={module.out_features}, rank={module.rank}, "
+        f"bits={module.bits}, group={module.group}, bias={module.bias is not None}"
+    )
