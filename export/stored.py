@@ -5,12 +5,15 @@ as a plain Linear holding the weight its codes mean (exact in fp32), so the trac
 norms are those of any model. Each MatMul whose weight is exactly one of those is then replaced
 by ``MatMulNBits`` on the stored codes, scales and zero points: the two formats share one byte
 layout, so nothing is rounded again and the file holds the checkpoint's bytes. The parity check
-runs on the mapped graph. A corrected quantized Linear's base is mapped the same way; its fp16
-correction pair stays two fp32 MatMuls beside it.
+runs on the mapped graph. ``MatMulNBits`` takes 2, 4 and 8 bits: 3-bit codes are mapped as 4-bit
+ones (the same values, repacked), so the file holds half a byte per weight for them. A corrected
+quantized Linear's base is mapped the same way; its fp16 correction pair stays two fp32 MatMuls
+beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +26,7 @@ from torch import nn
 
 from eigenpatch.export.weight_only import nbits_node, save_rewritten, targets
 from eigenpatch.format.corrected import CORRECTION_DTYPE, CorrectedQuantizedLinear
-from eigenpatch.format.quantized import QuantizedLinear
+from eigenpatch.format.quantized import KERNEL_BITS, QuantizedLinear
 from eigenpatch.quantizer import BlockQuant
 
 
@@ -93,6 +96,7 @@ def map_stored(folder: Path, model_file: str, codes: dict[str, BlockQuant]) -> d
     for i, target in enumerate(found):
         q = codes.get(_key(target.weight))
         if q is not None:
+            q = dataclasses.replace(q, bits=KERNEL_BITS[q.bits])  # 3-bit codes run as 4-bit ones (same values)
             replaced[id(target.node)] = [nbits_node(graph, target, q, f"stored{i}")]
             bits[f"int{q.bits}"] = bits.get(f"int{q.bits}", 0) + 1
     if len(replaced) < len(codes):

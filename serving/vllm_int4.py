@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigenpatch.format.quantized import QuantizedLinear, unpack
+from eigenpatch.format.quantized import KERNEL_BITS, QuantizedLinear, unpack
 
 KERNEL_ENV = "EIGENPATCH_VLLM_INT4"
 CHOICES = ("auto", "vllm", "torch")
@@ -82,7 +82,7 @@ def vllm_kernel_for(module: QuantizedLinear, act_dtype: torch.dtype) -> VllmInt4
     except ImportError:  # older vLLM layouts
         return None
     k, n, group = module.in_features, module.out_features, module.group
-    if module.bits != 4 or k % group or act_dtype not in (torch.bfloat16, torch.float16):
+    if KERNEL_BITS[module.bits] != 4 or k % group or act_dtype not in (torch.bfloat16, torch.float16):
         return None
     if current_platform.is_cpu() and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
         return None  # an AVX2 build: can_implement would pass and the forward fail
@@ -94,8 +94,8 @@ def vllm_kernel_for(module: QuantizedLinear, act_dtype: torch.dtype) -> VllmInt4
     from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
 
     device = module.qweight.device
-    codes = unpack(module.qweight, 4, k).to(torch.int32).T.contiguous()  # [K, N]
-    zeros = unpack(module.zeros, 4, k // group).to(torch.int32).T.contiguous()  # [groups, N]
+    codes = unpack(module.qweight, module.bits, k).to(torch.int32).T.contiguous()  # [K, N]; 3-bit codes fit uint4
+    zeros = unpack(module.zeros, module.bits, k // group).to(torch.int32).T.contiguous()  # [groups, N]
     holder = nn.Module()
     holder.w_q = _frozen(
         pack_quantized_values_into_int32(codes, scalar_types.uint4, 0), input_dim=0, output_dim=1, packed_dim=0

@@ -24,11 +24,11 @@ from eigenpatch.quantizer import quantize_gptq, quantize_rtn
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_codes_pack_and_unpack_to_the_same_values(bits):
     values = torch.randint(0, 1 << bits, (5, 37), dtype=torch.uint8)
     packed = pack(values, bits)
-    assert packed.shape == (5, -(-37 * bits // 8))
+    assert packed.shape == (5, -(-37 * bits // 8) if bits != 3 else 15)  # 3 bits: whole runs of 8 in 3 bytes
     assert torch.equal(unpack(packed, bits, 37), values)
 
 
@@ -63,6 +63,35 @@ def test_bf16_activations_run_pytorchs_int4_kernel_with_the_same_result():
     assert (got - expected).norm() / expected.norm() < 1e-2  # bf16 activations, bf16 scales in the kernel
     odd = quantize_rtn(torch.randn(24, 128), 4, 32).module()  # N not a multiple of 16
     assert odd.kernel(x) == "dequantize"
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU int4 kernel")
+def test_three_bit_codes_are_stored_at_three_bits_and_run_the_int4_kernel():
+    w = torch.randn(64, 128)
+    q = quantize_rtn(w, 3, 32, fp16_scales=True)
+    module = q.module()
+    assert module.qweight.shape == (64, 128 * 3 // 8) and int(q.codes.max()) <= 7
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    assert module.kernel(x) == "int4pack"
+    expected = x.float() @ module.dequantized().T
+    assert (module(x).float() - expected).norm() / expected.norm() < 1e-2
+
+
+def test_a_three_bit_checkpoint_exports_to_onnx_as_four_bit_matmulnbits(tiny_tokenizer, tmp_path):
+    """ONNX Runtime's ``MatMulNBits`` has no 3 bits: the stored 3-bit codes are mapped as 4-bit ones
+    (the same values), and the export's parity check passes on them."""
+    import onnx
+
+    from eigenpatch.export.onnx import export_onnx
+
+    model = make_tiny("llama")
+    eigenpatch.patch(model, Quantize(bits=3, group=32, method="rtn", targets=ATTENTION), show_progress=False)
+    out = eigenpatch.save(model, tmp_path / "q3", tokenizer=tiny_tokenizer)
+    meta = export_onnx(eigenpatch.load(out), tmp_path / "onnx", tokenizer=tiny_tokenizer)
+    assert meta["parity"]["max_abs_logit_diff"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 8 and all(a.i == 4 for n in nbits for a in n.attribute if a.name == "bits")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +159,7 @@ def test_quantizing_a_quantized_checkpoint_is_refused(quantized_tiny):
     ("flags", "says"),
     [
         (["--bits", "5"], "--bits 5"),
+        (["--bits", "3", "--group", "8"], "--group 8"),
         (["--bits", "0"], "--bits 0"),
         (["--bits", "4", "--group", "24"], "--group 24"),
         (["--bits", "4", "--structured-ffn", "blockdense"], "structured"),

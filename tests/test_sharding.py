@@ -91,7 +91,7 @@ def test_blocks_not_divisible_by_tp_are_refused():
         local_block_module({"kind": "blockdense", "blocks": 2, "in_features": 8, "out_features": 8, "rank": 4}, True, 4)
 
 
-@pytest.mark.parametrize(("tp", "bits"), [(2, 4), (4, 4), (2, 2), (3, 8)])
+@pytest.mark.parametrize(("tp", "bits"), [(2, 4), (4, 4), (2, 2), (3, 8), (3, 3)])
 def test_quantized_shards_are_quantized_linears_that_recombine_to_the_full_output(tp, bits):
     """Column slots by output rows concatenate; row slots by whole groups (zero points repacked
     when a rank's first group is not on a byte) sum to the unsharded layer's output."""

@@ -41,8 +41,8 @@ def _narrow(w: dict, name: str) -> None:
     w[name] = w[name][..., :-1].contiguous()
 
 
-def _three_bits(c: dict) -> None:
-    c["quantization_config"]["layers"][QLAYER]["bits"] = 3
+def _five_bits(c: dict) -> None:
+    c["quantization_config"]["layers"][QLAYER]["bits"] = 5
 
 
 def _extra_layer(c: dict) -> None:
@@ -63,7 +63,7 @@ DAMAGE = {
     "nan correction": (lambda w: _nan(w, CORRECTION), None, CORRECTION),
     "missing codes of a corrected Linear": (lambda w: _drop(w, CORRECTED_CODES), None, CORRECTED_CODES),
     "nan scale": (lambda w: _nan(w, SCALES), None, SCALES),
-    "unstorable bit width": (None, _three_bits, QLAYER),
+    "unstorable bit width": (None, _five_bits, QLAYER),
     "layer that does not exist": (None, _extra_layer, "model.layers.99.mlp.up_proj"),
 }
 

@@ -24,14 +24,18 @@ the weight for each call and runs ``F.linear``: correct everywhere, memory-light
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The widths whose codes pack whole into bytes (3 bits waits for a packing that spans bytes).
-BITS = (2, 4, 8)
+#: The widths a quantized Linear stores. 3-bit codes pack 8 to 3 bytes; no runtime here has a 3-bit
+#: kernel, so they compute as 4-bit codes (the same values, a wider container): see ``KERNEL_BITS``.
+BITS = (2, 3, 4, 8)
+#: The width whose kernels a stored width runs on: 3-bit codes are valid 4-bit codes.
+KERNEL_BITS = {2: 2, 3: 4, 4: 4, 8: 8}
 #: Group sizes PyTorch's CPU int4 kernel takes along K.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 #: Whether this PyTorch has that kernel (looked up once, not on every forward).
@@ -43,26 +47,45 @@ def padded_k(in_features: int, group: int) -> int:
     return -(-in_features // group) * group
 
 
+def _unit(bits: int) -> tuple[int, int]:
+    """``(values, bytes)`` of the smallest whole-byte run of ``bits``-bit values: (2, 1) at 4 bits,
+    (8, 3) at 3 bits."""
+    values = 8 // math.gcd(8, bits)
+    return values, values * bits // 8
+
+
+def packed_bytes(m: int, bits: int) -> int:
+    """Bytes :func:`pack` gives ``m`` values of ``bits`` bits (a partial run is padded)."""
+    values, size = _unit(bits)
+    return -(-m // values) * size
+
+
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``uint8 [N, M]`` values (each ``< 2**bits``) along the last axis, low bits first."""
-    per_byte = 8 // bits
+    """Pack ``uint8 [N, M]`` values (each ``< 2**bits``) along the last axis, low bits first: each run of
+    :func:`_unit` values is one little-endian integer of whole bytes (one byte except at 3 bits)."""
+    per_run, size = _unit(bits)
     n, m = values.shape
-    padded = -(-m // per_byte) * per_byte
-    v = torch.zeros(n, padded, dtype=torch.uint8, device=values.device)
-    v[:, :m] = values.to(torch.uint8)
-    v = v.view(n, -1, per_byte)
-    out = torch.zeros(v.shape[:2], dtype=torch.uint8, device=values.device)
-    for j in range(per_byte):
-        out |= v[:, :, j] << (bits * j)
-    return out
+    padded = -(-m // per_run) * per_run
+    v = torch.zeros(n, padded, dtype=torch.int32, device=values.device)
+    v[:, :m] = values.to(torch.int32)
+    v = v.view(n, -1, per_run)
+    word = torch.zeros(v.shape[:2], dtype=torch.int32, device=values.device)
+    for j in range(per_run):
+        word |= v[:, :, j] << (bits * j)
+    out = torch.stack([(word >> (8 * b)) & 0xFF for b in range(size)], dim=-1)
+    return out.reshape(n, -1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     """The first ``m`` values of each row of :func:`pack`'s output, as ``uint8 [N, m]``."""
-    per_byte = 8 // bits
+    per_run, size = _unit(bits)
+    runs = packed.to(torch.int32).view(packed.shape[0], -1, size)
+    word = torch.zeros(runs.shape[:2], dtype=torch.int32, device=packed.device)
+    for b in range(size):
+        word |= runs[:, :, b] << (8 * b)
     mask = (1 << bits) - 1
-    parts = [(packed >> (bits * j)) & mask for j in range(per_byte)]
-    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)[:, :m]
+    parts = [(word >> (bits * j)) & mask for j in range(per_run)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)[:, :m].to(torch.uint8)
 
 
 def dequantize(
@@ -114,8 +137,8 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits={bits}: quantized Linears store {', '.join(map(str, BITS))} bits")
-        if group <= 0 or group % (8 // bits):
-            raise ValueError(f"group={group} must be a positive multiple of {8 // bits} at {bits} bits")
+        if group <= 0 or group % _unit(bits)[0]:
+            raise ValueError(f"group={group} must be a positive multiple of {_unit(bits)[0]} at {bits} bits")
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
         k = padded_k(in_features, group)
         groups = k // group
@@ -125,7 +148,7 @@ class QuantizedLinear(nn.Module):
 
         self.qweight = frozen(out_features, k * bits // 8, dtype=torch.uint8)
         self.scales = frozen(out_features, groups, dtype=torch.float16)
-        self.zeros = frozen(out_features, -(-groups * bits // 8), dtype=torch.uint8)
+        self.zeros = frozen(out_features, packed_bytes(groups, bits), dtype=torch.uint8)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel's packing, made on first use
 
@@ -178,7 +201,7 @@ class QuantizedLinear(nn.Module):
 
     def _kernel_for(self, dtype: torch.dtype, device_type: str) -> str:
         fits = (
-            self.bits == 4
+            KERNEL_BITS[self.bits] == 4
             and dtype == torch.bfloat16
             and device_type == "cpu"
             and self.group in INT4_KERNEL_GROUPS
@@ -194,10 +217,10 @@ class QuantizedLinear(nn.Module):
         The kernel means ``(q - 8) * s + m``; ours is ``(q - z) * s``, so ``m = (8 - z) s``.
         """
         if self._int4 is None:
-            codes = unpack(self.qweight, 4, self.in_features).to(torch.int32)
+            codes = unpack(self.qweight, self.bits, self.in_features).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             s = self.scales.float()
-            z = unpack(self.zeros, 4, s.shape[1]).float()
+            z = unpack(self.zeros, self.bits, s.shape[1]).float()
             table = torch.stack([s.T, ((8 - z) * s).T], dim=-1).to(torch.bfloat16).contiguous()
             self._int4 = (packed, table)
         return self._int4

@@ -36,8 +36,8 @@ class QuantizePiece(CliPiece):
             "--bits",
             type=int,
             metavar="N",
-            help="bits per weight: 8, 4 or 2 (default: no quantization); with --compress, both factors of each pair, "
-            "ranks planned in whole groups",
+            help="bits per weight: 8, 4, 3 or 2 (default: no quantization; 3-bit codes are stored at 3 bits and run "
+            "as 4-bit ones); with --compress, both factors of each pair, ranks planned in whole groups",
         )
         g.add_argument(
             "--group",
