@@ -8,10 +8,10 @@ In one process, from one dense model: the dense fp32 model, then ``quantize`` at
 ``METHOD:BITS:GROUP`` of ``--configs`` (every decoder Linear; head and embedding stay), each
 patched from a fresh copy and saved, then reloaded through ``eigenpatch.load`` like any user's.
 ``METHOD:BITS:GROUP:rK`` adds a rank-K correction of each Linear's rounding error (``--correct
-K``; ``:rK:nofisher`` without the output-Fisher weight). ``cR+METHOD:BITS:GROUP`` first
-compresses by ``R`` with patch-model's default recipe (``loss+fwhiten``, layer by layer, refined;
-ranks in whole groups) and then quantizes both factors of each pair and the Linears kept dense,
-in the same engine run: ``--compress R --bits BITS``.
+K``; ``:rK:nofisher`` without the output-Fisher weight, ``:rK:refineN`` refined N steps per
+layer). ``cR+METHOD:BITS:GROUP`` first compresses by ``R`` with patch-model's default recipe
+(``loss+fwhiten``, layer by layer, refined; ranks in whole groups) and then quantizes both factors
+of each pair and the Linears kept dense, in the same engine run: ``--compress R --bits BITS``.
 Each row reports:
 
 - the bytes the quantized Linears take (codes, scales, zero points) against the same Linears in
@@ -94,9 +94,12 @@ def recipe(spec: str, calib_windows: int) -> list:
     """``[cR+]METHOD:BITS:GROUP`` -> the configs ``patch-model [--compress R] --bits BITS`` would build."""
     compress, _, quantize = spec.rpartition("+")
     method, bits, group, *rest = quantize.split(":")
-    correct = {"correction_rank": int(rest[0].removeprefix("r"))} if rest else {}
-    if rest[1:]:
-        correct["correction_fisher"] = rest[1] != "nofisher"
+    correct: dict = {"correction_rank": int(rest[0].removeprefix("r"))} if rest else {}
+    for option in rest[1:]:  # nofisher, refineN
+        if option == "nofisher":
+            correct["correction_fisher"] = False
+        else:
+            correct["refine_steps"] = int(option.removeprefix("refine"))
     configs: list = []
     if compress:
         ratio = float(compress.removeprefix("c"))

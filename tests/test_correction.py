@@ -155,3 +155,46 @@ def test_patch_model_corrects_out_of_core(tiny_tokenizer, tmp_path, capsys):
     loaded = eigenpatch.load(out)
     assert sum(isinstance(m, CorrectedQuantizedLinear) for m in loaded.modules()) == 14
     assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_a_killed_corrected_run_resumes_without_a_second_fisher_pass_to_the_same_tensors(
+    tiny_tokenizer, tmp_path, monkeypatch
+):
+    """The output Fisher's weights are the quantize plan: a run killed after layer 1 resumes at
+    layer 1 with them restored (no Fisher pass again) and writes what an uninterrupted run writes."""
+    from conftest import killed_after_layer
+    from safetensors.torch import load_file
+
+    from eigenpatch.out_of_core import patch_checkpoint
+    from eigenpatch.zoo import resolve_text
+
+    source = tmp_path / "tiny"
+    make_tiny("llama").save_pretrained(source)
+    config = Quantize(bits=2, group=32, correction_rank=8, refine_steps=4, calib_windows=4, calib_seq_len=64)
+    config.fisher_windows = 2
+    text = resolve_text("news", "calib")
+
+    def run(out: str) -> dict:
+        report, _ = patch_checkpoint(
+            source, [config], tmp_path / out, state_dir=tmp_path / f"state-{out}", device=torch.device("cpu"),
+            dtype=torch.float32, tokenizer=tiny_tokenizer, calib_text=text, show_progress=False,
+        )  # fmt: skip
+        return report
+
+    def stored(out: str) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted((tmp_path / out).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two runs compared bit for bit: one BLAS summation order
+    try:
+        run("reference")
+        with killed_after_layer(monkeypatch, 1):
+            run("out")
+        report = run("out")
+    finally:
+        torch.set_num_threads(threads)
+    assert report["engine"]["resumed_at_layer"] == 1 and set(report["engine"]["passes"]) == {"fit"}
+    reference, resumed = stored("reference"), stored("out")
+    assert reference.keys() == resumed.keys() and any(k.endswith("correction_up") for k in reference)
+    for name in reference:
+        assert torch.equal(reference[name], resumed[name]), name

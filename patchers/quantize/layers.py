@@ -35,6 +35,7 @@ from eigenpatch.engine import (
     LayerStep,
     LayerTransform,
     Needs,
+    Plan,
     input_groups,
     layer_prefixes,
     refine_parameters,
@@ -73,6 +74,7 @@ class QuantizeLayers(LayerTransform):
                 self.inside.setdefault(index, []).append(name.removeprefix(prefixes[index]))
 
         self.out_scales: dict[str, torch.Tensor] = {}  # the output Fisher's weights, per full name
+        self._restored = False
 
     def needs(self) -> Needs:
         c = self.config
@@ -83,6 +85,17 @@ class QuantizeLayers(LayerTransform):
             score_windows=c.fisher_windows,
             scores=c.needs_fisher,
         )
+
+    @property
+    def planned(self) -> bool:
+        return self._restored
+
+    def plan(self) -> Plan:
+        """The output Fisher's weights, kept in the run state so a resumed run skips the Fisher pass."""
+        return Plan({"correction_rank": self.config.correction_rank}, dict(self.out_scales))
+
+    def restore(self, plan: Plan) -> None:
+        self.out_scales, self._restored = dict(plan.tensors), True
 
     def score(self, step: LayerStep, stats: LayerStats) -> None:
         for name, fisher in stats.fisher.items():
