@@ -7,6 +7,8 @@
 In one process, from one dense model: the dense fp32 model, then ``quantize`` at each
 ``METHOD:BITS:GROUP`` of ``--configs`` (every decoder Linear; head and embedding stay), each
 patched from a fresh copy and saved, then reloaded through ``eigenpatch.load`` like any user's.
+``METHOD:bB[:refineN]`` is ``--budget B`` (refined 64 steps per layer unless ``refineN`` says
+otherwise; the plan goes into the row); ``:scales`` also refines the quantized Linears' scales.
 ``METHOD:BITS:GROUP:rK`` adds a rank-K correction of each Linear's rounding error (``--correct
 K``; ``:rK:nofisher`` without the output-Fisher weight, ``:rK:refineN`` refined N steps per
 layer). ``cR+METHOD:BITS:GROUP`` first compresses by ``R`` with patch-model's default recipe
@@ -93,13 +95,23 @@ def decode_seconds(models: list[torch.nn.Module], prompt: torch.Tensor, tokens: 
 def recipe(spec: str, calib_windows: int) -> list:
     """``[cR+]METHOD:BITS:GROUP`` -> the configs ``patch-model [--compress R] --bits BITS`` would build."""
     compress, _, quantize = spec.rpartition("+")
-    method, bits, group, *rest = quantize.split(":")
-    correct: dict = {"correction_rank": int(rest[0].removeprefix("r"))} if rest else {}
-    for option in rest[1:]:  # nofisher, refineN
+    method, width, *rest = quantize.split(":")
+    options: dict = {}
+    if width.startswith("b"):  # METHOD:bB: patch-model --budget B, refined 64 steps unless refineN says
+        options = {"budget": float(width[1:]), "refine_steps": 64}
+    else:
+        options = {"bits": int(width), "group": int(rest.pop(0))}
+    group = options.get("group", 64)
+    for option in rest:  # rK, nofisher, refineN, scales
         if option == "nofisher":
-            correct["correction_fisher"] = False
+            options["correction_fisher"] = False
+        elif option == "scales":
+            options["refine_scales"] = True
+            options.setdefault("refine_steps", 64)
+        elif option.startswith("refine"):
+            options["refine_steps"] = int(option.removeprefix("refine"))
         else:
-            correct["refine_steps"] = int(option.removeprefix("refine"))
+            options["correction_rank"] = int(option.removeprefix("r"))
     configs: list = []
     if compress:
         ratio = float(compress.removeprefix("c"))
@@ -114,7 +126,7 @@ def recipe(spec: str, calib_windows: int) -> list:
                 rank_multiple=math.lcm(int(group), 16),
             )
         )
-    configs.append(Quantize(bits=int(bits), group=int(group), method=method, calib_windows=calib_windows, **correct))
+    configs.append(Quantize(method=method, calib_windows=calib_windows, **options))
     return configs
 
 
@@ -185,11 +197,14 @@ def main() -> None:
         if onnx:
             rows[0]["onnx"] = onnx_rows(base, tokenizer, Path(tmp), wiki)
         print(rows[0], flush=True)
+        cache: dict = {}  # scores shared by the rows that can share them (budgets, compression ratios)
         for spec in args.configs:
             model = copy.deepcopy(base)
             configs = recipe(spec, args.calib_windows)
             start = time.perf_counter()
-            report = eigenpatch.patch(model, configs, tokenizer=tokenizer, calib_text=calib, show_progress=False)
+            report = eigenpatch.patch(
+                model, configs, tokenizer=tokenizer, calib_text=calib, show_progress=False, calibration_cache=cache
+            )
             seconds = time.perf_counter() - start
             out = eigenpatch.save(model, Path(tmp) / spec.replace(":", "-").replace("+", "-"), tokenizer=tokenizer)
             del model
@@ -206,6 +221,8 @@ def main() -> None:
                 "disk_bytes": weights_bytes(out),
                 "ppl": ppl(loaded),
             }
+            if step.get("plan"):
+                row["plan"] = step["plan"]
             if onnx and spec in onnx:
                 row["onnx"] = onnx_rows(loaded, tokenizer, Path(tmp), wiki)
             loaded = loaded.to(torch.bfloat16)

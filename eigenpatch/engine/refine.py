@@ -25,18 +25,28 @@ from eigenpatch.engine.streams import LayerStep, call_layer
 ERROR_BATCHES = 8
 
 
-def refine_parameters(step: LayerStep, params: list[nn.Parameter], steps: int, lr: float) -> dict[str, float]:
+def refine_parameters(
+    step: LayerStep, params: list[nn.Parameter], steps: int, lr: float, scaled: list[nn.Parameter] | None = None
+) -> dict[str, float]:
     """Adam on ``params`` (tensors of ``step.layer``) for ``steps`` batches; returns the mean squared
-    error against the dense outputs before and after (see the module docstring)."""
+    error against the dense outputs before and after (see the module docstring).
+
+    ``scaled`` tensors train too, each with its own step size ``lr`` times its mean magnitude: Adam's
+    steps are about ``lr`` in absolute terms, right for factors of order one and far too big for a
+    quantizer's scales (about ``1e-2``)."""
+    scaled = scaled or []
     targets = step.dense_outputs()
 
     def error() -> float:
         pairs = list(zip(step.inputs, step.kwargs, targets, strict=True))[:ERROR_BATCHES]
         return sum(F.mse_loss(call_layer(step.layer, h, kw), t).item() for h, kw, t in pairs) / len(pairs)
 
-    before, saved = error(), [p.detach().clone() for p in params]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    with trainable_only(step.layer, params), torch.enable_grad():
+    everything = [*params, *scaled]
+    before, saved = error(), [p.detach().clone() for p in everything]
+    groups = [{"params": params}] if params else []
+    groups += [{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp_min(1e-12))} for p in scaled]
+    optimizer = torch.optim.Adam(groups, lr=lr)
+    with trainable_only(step.layer, everything), torch.enable_grad():
         for i in range(steps):
             b = i % len(targets)
             out = step.layer(step.inputs[b], **step.kwargs[b])
@@ -47,7 +57,7 @@ def refine_parameters(step: LayerStep, params: list[nn.Parameter], steps: int, l
     after = error()
     if not after < before:
         with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
+            for p, s in zip(everything, saved, strict=True):
                 p.copy_(s)
         after = before
     return {"before": before, "after": after}

@@ -60,6 +60,13 @@ def packed_bytes(m: int, bits: int) -> int:
     return -(-m // values) * size
 
 
+def quantized_bytes(out_features: int, in_features: int, bits: int, group: int) -> int:
+    """Stored bytes of an ``[out, in]`` weight at ``bits`` bits in groups of ``group``: codes, fp16
+    scales and zero points, as :class:`QuantizedLinear` holds them (the budget plans with it)."""
+    groups = padded_k(in_features, group) // group
+    return out_features * (groups * group * bits // 8 + 2 * groups + packed_bytes(groups, bits))
+
+
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``uint8 [N, M]`` values (each ``< 2**bits``) along the last axis, low bits first: each run of
     :func:`_unit` values is one little-endian integer of whole bytes (one byte except at 3 bits)."""

@@ -26,9 +26,11 @@ class QuantizePiece(CliPiece):
         "patch-model --bits 8 --quantizer rtn               # data-free rounding",
         "patch-model --compress 0.3 --bits 4                # factor pairs, each factor int4",
         "patch-model --bits 2 --group 32 --correct 32       # int2 plus a rank-32 correction of each error",
+        "patch-model --budget 3.25                          # 3.25 bits per weight: widths and ranks by loss",
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from eigenpatch.patchers.quantize.budget import DEFAULT_RANKS, DEFAULT_WIDTHS
         from eigenpatch.patchers.quantize.config import DEFAULT_GROUP, METHODS
 
         g = parser.add_argument_group("weight-only quantization (group-wise int codes, scales and zero points)")
@@ -64,6 +66,29 @@ class QuantizePiece(CliPiece):
             "(default: none)",
         )
         g.add_argument(
+            "--budget",
+            type=float,
+            metavar="B",
+            help="average bits per weight, everything counted (codes, scales, zero points, corrections): each "
+            "matrix gets the width (--budget-widths) and correction rank (--budget-ranks) that lose least per byte "
+            "by a second-order estimate (docs/quantize.md); instead of --bits",
+        )
+        g.add_argument(
+            "--budget-widths",
+            nargs="+",
+            default=list(DEFAULT_WIDTHS),
+            metavar="BITS:GROUP",
+            help="widths --budget chooses from (default: %(default)s)",
+        )
+        g.add_argument(
+            "--budget-ranks",
+            nargs="+",
+            type=int,
+            default=list(DEFAULT_RANKS),
+            metavar="K",
+            help="correction ranks --budget chooses from, 0 included (default: %(default)s)",
+        )
+        g.add_argument(
             "--quantize-targets",
             nargs="+",
             default=list(DEFAULT_TARGETS),
@@ -74,6 +99,8 @@ class QuantizePiece(CliPiece):
     def build(self, args: argparse.Namespace, earlier: list[TransformConfig]) -> TransformConfig | None:
         from eigenpatch.patchers.quantize.config import Quantize, check_bits_and_group
 
+        if args.budget is not None:
+            return self._budget(args, earlier)
         if args.bits is None:
             return None
         structured = [c.name for c in earlier if c.name == "structured_ffn"]
@@ -100,7 +127,33 @@ class QuantizePiece(CliPiece):
             seed=args.seed,
         )
 
+    def _budget(self, args: argparse.Namespace, earlier: list[TransformConfig]) -> TransformConfig:
+        from eigenpatch.patchers.quantize.config import Quantize
+
+        if args.bits is not None:
+            raise UsageError("--bits and --budget: --bits is one width for every matrix, --budget picks them; give one")
+        if args.correct:
+            raise UsageError("--correct with --budget: the budget chooses each matrix's correction rank itself")
+        if earlier:
+            names = ", ".join(c.name for c in earlier)
+            raise UsageError(f"--budget after {names}: a budget plans the dense model's matrices; quantize them alone")
+        return Quantize(
+            budget=args.budget,
+            budget_widths=tuple(args.budget_widths),
+            budget_ranks=tuple(args.budget_ranks),
+            method=args.quantizer,
+            symmetric=args.symmetric,
+            refine_steps=args.refine_steps,
+            fisher_windows=args.fisher_windows,
+            targets=tuple(args.quantize_targets),
+            calib_windows=args.calib_windows,
+            calib_seq_len=args.calib_seq_len,
+            seed=args.seed,
+        )
+
     def output_name(self, args: argparse.Namespace) -> str:
+        if args.budget is not None:
+            return f"-{args.quantizer}-budget{args.budget:g}"
         if args.bits is None:
             return ""
         return f"-{args.quantizer}-int{args.bits}-g{args.group}" + (f"-r{args.correct}" if args.correct else "")
@@ -108,6 +161,8 @@ class QuantizePiece(CliPiece):
     def summary_rows(self, step: dict[str, Any]) -> list[list[str]]:
         before, after = step["bf16_bytes_before"], step["bytes_after"]
         how = f"{step['method']} int{step['bits']}, group {step['group']}"
+        if step.get("budget") is not None:
+            how = f"{step['method']}, budget {step['budget']:g} bits per weight"
         if step.get("correction_rank"):
             how += f", rank-{step['correction_rank']} corrections"
         label = f"quantized Linears, bytes vs bf16 ({how})"
@@ -115,7 +170,16 @@ class QuantizePiece(CliPiece):
 
     def summary_lines(self, step: dict[str, Any]) -> list[str]:
         how = ", layer by layer on the propagated inputs" if step["method"] == "gptq" else ""
-        return [f"{step['method']} int{step['bits']}{how}: {step['quantized']} Linears quantized, {step['seconds']} s"]
+        done = f"{step['quantized']} Linears quantized, {step['seconds']} s"
+        if not step.get("plan"):
+            return [f"{step['method']} int{step['bits']}{how}: {done}"]
+        plan = step["plan"]
+        widths = ", ".join(f"{n} at {w}" for w, n in plan["matrices_per_width"].items())
+        return [
+            f"{step['method']} with a budget of {step['budget']:g} bits per weight{how}: {done}",
+            f"  plan: {widths}; mean correction rank {plan['mean_correction_rank']:g}; "
+            f"{plan['bits_per_weight']:.3f} bits per weight met",
+        ]
 
 
 register_piece(QuantizePiece())

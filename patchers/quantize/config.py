@@ -10,6 +10,7 @@ from torch import nn
 from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from eigenpatch.errors import UsageError
 from eigenpatch.format.quantized import BITS
+from eigenpatch.patchers.quantize.budget import DEFAULT_RANKS, DEFAULT_WIDTHS, Option, check_budget, parse_width
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
 from eigenpatch.recipe import TransformConfig
 
@@ -60,6 +61,14 @@ class Quantize(TransformConfig):
     #: outputs, after the layer is rounded (0: the closed form alone).
     refine_steps: int = 0
     refine_lr: float = 1e-3
+    #: Also refine each quantized Linear's scales (codes and zero points fixed): no bytes added.
+    refine_scales: bool = False
+    #: Average bits per targeted weight, everything counted (``budget.py``): each unit of Linears
+    #: sharing an input then gets its own width from ``budget_widths`` and correction rank from
+    #: ``budget_ranks`` by estimated loss per byte; ``bits``, ``group`` and ``correction_rank`` are unused.
+    budget: float | None = None
+    budget_widths: tuple[str, ...] = DEFAULT_WIDTHS
+    budget_ranks: tuple[int, ...] = DEFAULT_RANKS
     fisher_windows: int = DEFAULT_FISHER_WINDOWS
     calib_windows: int = DEFAULT_WINDOWS
     calib_seq_len: int = DEFAULT_SEQ_LEN
@@ -74,33 +83,62 @@ class Quantize(TransformConfig):
         self.targets = tuple(self.targets)
         if self.correction_targets is not None:
             self.correction_targets = tuple(self.correction_targets)
+        self.budget_widths, self.budget_ranks = tuple(self.budget_widths), tuple(self.budget_ranks)
+        if self.budget is not None:
+            check_budget(self.budget)
+            self.budget_options()  # one line for a malformed ladder, now
+            if self.correction_rank:
+                raise UsageError("--correct with --budget: the budget chooses each matrix's correction rank itself")
+
+    def budget_options(self) -> list[Option]:
+        """The ladder ``--budget`` chooses from: every width with every rank (8-bit codes need no correction)."""
+        if not self.budget_ranks or any(r < 0 for r in self.budget_ranks):
+            raise UsageError(f"--budget-ranks {' '.join(map(str, self.budget_ranks))}: give ranks of 0 or more")
+        widths = sorted({parse_width(w) for w in self.budget_widths})
+        return [Option(b, g, r) for b, g in widths for r in sorted(set(self.budget_ranks)) if b < 8 or r == 0]
+
+    def corrects(self, name: str) -> bool:
+        """Whether Linear ``name`` (any dotted name; its last component decides) takes a correction."""
+        return self.correction_targets is None or name.rpartition(".")[2] in self.correction_targets
 
     def correction_rank_of(self, name: str) -> int:
-        """The correction rank of Linear ``name`` (any dotted name; its last component decides)."""
-        leaf = name.rpartition(".")[2]
-        chosen = self.correction_targets is None or leaf in self.correction_targets
-        return self.correction_rank if chosen else 0
+        """The uniform correction rank of Linear ``name`` (a budget plans its own)."""
+        return self.correction_rank if self.corrects(name) else 0
 
     @property
     def needs_data(self) -> bool:
-        return self.method == "gptq" or self.correction_rank > 0
+        return self.method == "gptq" or self.correction_rank > 0 or self.budget is not None
 
     @property
     def needs_fisher(self) -> bool:
-        return self.correction_rank > 0 and self.correction_fisher
+        return (self.correction_rank > 0 and self.correction_fisher) or self.budget is not None
 
     def touched_linears(self) -> tuple[str, ...]:
         return self.targets
 
     @classmethod
     def example(cls, workdir: Path, model: nn.Module) -> list[TransformConfig]:
-        """GPTQ int4 of the attention on a few short windows, ``o_proj`` first made a factor pair
-        (data-free, its rank whole groups) and q/k corrected at rank 8, so the runtimes see every
-        quantized kind."""
+        """GPTQ on the attention of a few short windows, so the runtimes see every quantized kind:
+        ``o_proj`` a factor pair (data-free, its rank whole groups) with int4 factors, and q/k/v
+        under a byte budget that buys int4 for one layer and int2 for the other, q/k with rank-8
+        corrections beside a plain v."""
+        from eigenpatch.format.quantized import quantized_bytes
         from eigenpatch.patchers.lowrank.config import LowRank
 
         pair = LowRank(ratio=0.3, targets=("o_proj",), rank_multiple=32)
-        attention = ("q_proj", "k_proj", "v_proj", "o_proj")
-        quantize = cls(group=32, targets=attention, calib_windows=8, calib_seq_len=64, fisher_windows=2)
-        quantize.correction_rank, quantize.correction_targets = 8, ("q_proj", "k_proj")  # v_proj stays plain
-        return [pair, quantize]
+        short = {"calib_windows": 8, "calib_seq_len": 64, "fisher_windows": 2}
+        factors = cls(group=32, targets=("o_proj",), **short)
+        qkv = ("q_proj", "k_proj", "v_proj")
+        linears = [(n.rpartition(".")[2], *m.weight.shape) for n, m in model.named_modules() if n.endswith(qkv)]
+        corrections = sum(8 * (o + i) * 2 for n, o, i in linears if n != "v_proj")
+        cost = {b: sum(quantized_bytes(o, i, b, 32) for _, o, i in linears) + corrections for b in (2, 4)}
+        middle = 8 * (cost[2] + cost[4]) / 2 / sum(o * i for _, o, i in linears)  # one of two layers at int4
+        budget = cls(
+            targets=qkv,
+            budget=round(middle, 6) + 1e-6,
+            budget_widths=("2:32", "4:32"),
+            budget_ranks=(8,),
+            correction_targets=("q_proj", "k_proj"),
+            **short,
+        )
+        return [pair, factors, budget]

@@ -43,10 +43,11 @@ from eigenpatch.engine import (
 from eigenpatch.errors import UsageError
 from eigenpatch.format.corrected import CORRECTION_DTYPE, CorrectedQuantizedLinear
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear
-from eigenpatch.patchers.lowrank.factorize import output_weighting
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, quantized_bytes
+from eigenpatch.patchers.lowrank.factorize import output_weighting, whitening
+from eigenpatch.patchers.quantize.budget import Option, Unit, allocate, describe, rank_losses, residual_energies
 from eigenpatch.patchers.quantize.config import Quantize
-from eigenpatch.patchers.quantize.correct import correction
+from eigenpatch.patchers.quantize.correct import DAMP, correction
 from eigenpatch.patchers.targets import find_linears, replace_module
 from eigenpatch.quantizer import BlockQuant, quantize_gptq, quantize_rtn
 from eigenpatch.recipe import PatchContext
@@ -75,6 +76,42 @@ class QuantizeLayers(LayerTransform):
 
         self.out_scales: dict[str, torch.Tensor] = {}  # the output Fisher's weights, per full name
         self._restored = False
+        # --budget: the ladder, the units scored so far, and the option each Linear got (full names)
+        self.ladder = config.budget_options() if config.budget is not None else []
+        self.units: list[Unit] = []
+        self.options: dict[str, Option] = {}
+        self.plan_summary: dict[str, Any] = {}
+        if config.budget is not None:
+            self.name = f"{config.method} budget {config.budget:g} bits"
+            self._check_budget(model, prefixes)
+            # Scores reused by budgets of one base model that share a context cache (the benchmarks).
+            c = config
+            self._cache_key = ("quantize-budget", c.method, c.symmetric, c.act_order, c.budget_widths, c.budget_ranks)
+            self._cache_key += (c.targets, c.correction_targets, c.calib_windows, c.calib_seq_len, c.fisher_windows)
+            self._cache_key += (c.seed, *sorted(self.inside.items()))
+            self._cache_key = repr(self._cache_key)
+            if self._cache_key in context.cache:
+                self.units, self.out_scales = context.cache[self._cache_key]
+                self._allocate()
+                self._restored = True
+
+    def _check_budget(self, model: nn.Module, prefixes: list[str]) -> None:
+        """One line, before any pass, for a budget below what the cheapest option of every matrix costs."""
+        c, weights, cheapest = self.config, 0, 0
+        for index, names in self.inside.items():
+            for name in names:
+                module = model.get_submodule(prefixes[index] + name)
+                if isinstance(module, LowRankLinear):
+                    raise UsageError("--budget with --compress: choose one (--compress R --bits N quantizes pairs)")
+                out, inp = module.weight.shape
+                weights += out * inp
+                cheapest += min(quantized_bytes(out, inp, o.bits, o.group) for o in self.ladder)
+        if weights and 8 * cheapest / weights > c.budget:
+            raise UsageError(
+                f"--budget {c.budget:g}: the cheapest option of every matrix already costs "
+                f"{8 * cheapest / weights:.2f} bits per weight (codes, scales and zero points); ask for more, "
+                "or add a cheaper width to --budget-widths"
+            )
 
     def needs(self) -> Needs:
         c = self.config
@@ -82,7 +119,8 @@ class QuantizeLayers(LayerTransform):
             calibration=Calibration(c.calib_windows, c.calib_seq_len, c.seed) if c.needs_data else None,
             output_fisher=dict(self.inside) if c.needs_fisher else {},
             fisher_windows=c.fisher_windows if c.needs_fisher else 0,
-            score_windows=c.fisher_windows,
+            dense_grams=dict(self.inside) if c.budget is not None else {},
+            score_windows=c.fisher_windows,  # the Grams on the Fisher's windows: scored inside its pass
             scores=c.needs_fisher,
         )
 
@@ -91,23 +129,71 @@ class QuantizeLayers(LayerTransform):
         return self._restored
 
     def plan(self) -> Plan:
-        """The output Fisher's weights, kept in the run state so a resumed run skips the Fisher pass."""
-        return Plan({"correction_rank": self.config.correction_rank}, dict(self.out_scales))
+        """The output Fisher's weights and, with a budget, each Linear's option: kept in the run state,
+        so a resumed run skips the Fisher and scoring passes."""
+        meta: dict[str, Any] = {"correction_rank": self.config.correction_rank}
+        if self.config.budget is not None and not self._restored:
+            self.context.cache[self._cache_key] = (self.units, self.out_scales)
+            self._allocate()
+        if self.options:
+            meta["options"] = {n: [o.bits, o.group, o.rank] for n, o in self.options.items()}
+            meta["budget"] = self.plan_summary
+        return Plan(meta, dict(self.out_scales))
+
+    def _allocate(self) -> None:
+        """Each Linear's option from the scored units (``budget.py``)."""
+        weights = sum(u.weights() for u in self.units)
+        allocation = allocate(self.units, self.config.budget * weights / 8)
+        for unit, option in zip(self.units, allocation.choice, strict=True):
+            self.options.update(dict.fromkeys(unit.names, option))
+        self.plan_summary = describe(self.units, allocation)
 
     def restore(self, plan: Plan) -> None:
         self.out_scales, self._restored = dict(plan.tensors), True
+        self.options = {n: Option(*o) for n, o in plan.meta.get("options", {}).items()}
+        self.plan_summary = plan.meta.get("budget", {})
 
     def score(self, step: LayerStep, stats: LayerStats) -> None:
+        mine = self.inside.get(step.index, [])
         for name, fisher in stats.fisher.items():
-            if name.startswith(step.prefix) and name.removeprefix(step.prefix) in self.inside.get(step.index, ()):
+            if name.startswith(step.prefix) and name.removeprefix(step.prefix) in mine:
                 self.out_scales[name] = output_weighting(fisher)
+        if self.config.budget is None:
+            return
+        members: dict[str, list[str]] = {}
+        for name in mine:
+            members.setdefault(stats.leader[name], []).append(name)
+        for leader, names in members.items():
+            self.units.append(self._score_unit(step, names, stats.gram(leader)))
 
-    def _round(self, weight: torch.Tensor, gram: torch.Tensor | None) -> BlockQuant:
+    def _score_unit(self, step: LayerStep, names: list[str], gram: torch.Tensor) -> Unit:
+        """Every ladder option's estimated loss for one unit (``budget.py``): one rounding per width."""
+        c = self.config
+        damped = gram.double().clone()
+        damped.diagonal().add_(DAMP * damped.diagonal().mean().clamp_min(1e-30))
+        root = whitening(damped).scale
+        full = [step.prefix + n for n in names]
+        weights = [step.layer.get_submodule(n).weight.detach().float() for n in names]
+        unit = Unit(full, [tuple(w.shape) for w in weights], [c.corrects(n) for n in names])
+        ranks = tuple(sorted({o.rank for o in self.ladder}))
+        for bits, group in sorted({(o.bits, o.group) for o in self.ladder}):
+            per_rank = dict.fromkeys(ranks, 0.0)
+            for name, w, takes in zip(full, weights, unit.corrected, strict=True):
+                dequantized = torch.from_numpy(self._round(w, gram, bits, group).dequantize())
+                losses = rank_losses(residual_energies(w, dequantized, root, self.out_scales.get(name)), (0, *ranks))
+                for k in ranks:
+                    per_rank[k] += losses[k if takes else 0]
+            for option in self.ladder:
+                if (option.bits, option.group) == (bits, group):
+                    unit.losses[option] = per_rank[option.rank]
+        return unit
+
+    def _round(self, weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group: int) -> BlockQuant:
         c = self.config
         grid = {"fp16_scales": True, "symmetric": c.symmetric}
         if gram is None or c.method == "rtn":
-            return quantize_rtn(weight, c.bits, c.group, **grid)
-        return quantize_gptq(weight, gram, c.bits, c.group, act_order=c.act_order, **grid)
+            return quantize_rtn(weight, bits, group, **grid)
+        return quantize_gptq(weight, gram, bits, group, act_order=c.act_order, **grid)
 
     def fit(self, step: LayerStep) -> dict[str, Any] | None:
         names = self.inside.get(step.index, [])
@@ -146,25 +232,33 @@ class QuantizeLayers(LayerTransform):
         return record
 
     def _refine(self, step: LayerStep) -> dict[str, float] | None:
-        """Block-local refinement of the layer's corrections, in fp32, stored back in fp16."""
+        """Block-local refinement of the layer's corrections and, with ``refine_scales``, of its
+        quantized Linears' scales (codes and zero points fixed): in fp32, stored back in fp16."""
         corrected = [m for m in step.layer.modules() if isinstance(m, CorrectedQuantizedLinear)]
-        if not corrected:
-            return None
         params = [p for m in corrected for p in (m.correction_down, m.correction_up)]
-        for p in params:
+        scales = []
+        if self.config.refine_scales:
+            scales = [m.scales for m in step.layer.modules() if isinstance(m, QuantizedLinear)]
+        if not params and not scales:
+            return None
+        for p in (*params, *scales):
             p.data = p.data.float()
         try:
-            return refine_parameters(step, params, self.config.refine_steps, self.config.refine_lr)
+            return refine_parameters(step, params, self.config.refine_steps, self.config.refine_lr, scaled=scales)
         finally:
             for p in params:
                 p.data = p.data.to(CORRECTION_DTYPE)
+            for p in scales:
+                p.data = p.data.to(torch.float16)
 
     def _round_dense(
         self, weight: torch.Tensor, gram: torch.Tensor | None, bias: torch.Tensor | None, full_name: str
     ) -> nn.Module:
         """A dense Linear's codes, and with ``correction_rank`` its correction (:mod:`.correct`)."""
-        rounded = self._round(weight, gram)
-        rank = self.config.correction_rank_of(full_name)
+        c = self.config
+        option = self.options.get(full_name, Option(c.bits, c.group, c.correction_rank))
+        rounded = self._round(weight, gram, option.bits, option.group)
+        rank = option.rank if c.corrects(full_name) else 0
         if not rank:
             return rounded.module(bias)
         error = weight.detach().float() - torch.from_numpy(rounded.dequantize())
@@ -177,15 +271,17 @@ class QuantizeLayers(LayerTransform):
         """Both factors of a pair, ``up`` refitted to the rounded ``down`` (see the module docstring;
         ``refit=False`` rounds ``up`` as it is, for the test that measures what the refit gains)."""
         down, up = pair.lowrank_down.detach(), pair.lowrank_up.detach()
-        qdown = self._round(down, gram)
+        bits, group = self.config.bits, self.config.group
+        qdown = self._round(down, gram, bits, group)
         if gram is None:
-            return QuantizedLowRankLinear.from_factors(qdown.module(), self._round(up, None).module(), bias)
+            qup = self._round(up, None, bits, group)
+            return QuantizedLowRankLinear.from_factors(qdown.module(), qup.module(), bias)
         g = gram.double()
         d, dq = down.double(), torch.from_numpy(qdown.dequantize()).double()
         gz = dq @ g @ dq.T  # the Gram of what the rounded down gives up
         ridge = REFIT_DAMP * gz.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gz), dtype=gz.dtype)
         target = torch.linalg.solve(gz + ridge, (up.double() @ d @ g @ dq.T).T).T if refit else up
-        qup = self._round(target.to(up.dtype), gz.to(gram.dtype))
+        qup = self._round(target.to(up.dtype), gz.to(gram.dtype), bits, group)
         return QuantizedLowRankLinear.from_factors(qdown.module(), qup.module(), bias)
 
     def details(self, records: list[Any]) -> dict[str, Any]:
@@ -196,6 +292,8 @@ class QuantizeLayers(LayerTransform):
             "group": c.group,
             "method": c.method,
             "correction_rank": c.correction_rank,
+            "budget": c.budget,
+            "plan": self.plan_summary or None,
             "quantized": sum(r["matrices"] for r in done),
             "bf16_bytes_before": sum(r["bf16_bytes"] for r in done),
             "refine_error_ratio": _ratio([r["refine"] for r in done if r.get("refine")]),
