@@ -66,6 +66,12 @@ class QuantizePiece(CliPiece):
             "(default: none)",
         )
         g.add_argument(
+            "--refine-scales",
+            action="store_true",
+            help="after each layer is rounded, train its fp16 scales (codes fixed) towards the dense layer's outputs "
+            "for --refine-steps steps: no byte added (always on with --budget)",
+        )
+        g.add_argument(
             "--budget",
             type=float,
             metavar="B",
@@ -119,7 +125,8 @@ class QuantizePiece(CliPiece):
             method=args.quantizer,
             symmetric=args.symmetric,
             correction_rank=args.correct,
-            refine_steps=args.refine_steps if args.correct else 0,
+            refine_steps=args.refine_steps if args.correct or args.refine_scales else 0,
+            refine_scales=args.refine_scales,
             fisher_windows=args.fisher_windows,
             targets=tuple(args.quantize_targets),
             calib_windows=args.calib_windows,
@@ -144,6 +151,7 @@ class QuantizePiece(CliPiece):
             method=args.quantizer,
             symmetric=args.symmetric,
             refine_steps=args.refine_steps,
+            refine_scales=args.refine_steps > 0,
             fisher_windows=args.fisher_windows,
             targets=tuple(args.quantize_targets),
             calib_windows=args.calib_windows,
