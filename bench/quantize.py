@@ -8,7 +8,8 @@ In one process, from one dense model: the dense fp32 model, then ``quantize`` at
 ``METHOD:BITS:GROUP`` of ``--configs`` (every decoder Linear; head and embedding stay), each
 patched from a fresh copy and saved, then reloaded through ``eigenpatch.load`` like any user's.
 ``METHOD:bB[:refineN]`` is ``--budget B`` (refined 64 steps per layer unless ``refineN`` says
-otherwise; the plan goes into the row); ``:scales`` also refines the quantized Linears' scales.
+otherwise; the plan goes into the row), ``:w3-64,4-64`` and ``:ranks0,8`` its ladder; ``:scales``
+also refines the quantized Linears' scales.
 ``METHOD:BITS:GROUP:rK`` adds a rank-K correction of each Linear's rounding error (``--correct
 K``; ``:rK:nofisher`` without the output-Fisher weight, ``:rK:refineN`` refined N steps per
 layer). ``cR+METHOD:BITS:GROUP`` first compresses by ``R`` with patch-model's default recipe
@@ -102,12 +103,16 @@ def recipe(spec: str, calib_windows: int) -> list:
     else:
         options = {"bits": int(width), "group": int(rest.pop(0))}
     group = options.get("group", 64)
-    for option in rest:  # rK, nofisher, refineN, scales
+    for option in rest:  # rK, nofisher, refineN, scales, wB-G,..., ranksK,...
         if option == "nofisher":
             options["correction_fisher"] = False
         elif option == "scales":
             options["refine_scales"] = True
             options.setdefault("refine_steps", 64)
+        elif option.startswith("w"):  # w3-64,4-64: the budget's widths
+            options["budget_widths"] = tuple(w.replace("-", ":") for w in option[1:].split(","))
+        elif option.startswith("ranks"):  # ranks0,8: the budget's correction ranks
+            options["budget_ranks"] = tuple(int(k) for k in option.removeprefix("ranks").split(","))
         elif option.startswith("refine"):
             options["refine_steps"] = int(option.removeprefix("refine"))
         else:
