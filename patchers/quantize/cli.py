@@ -122,16 +122,10 @@ class QuantizePiece(CliPiece):
         return Quantize(
             bits=args.bits,
             group=args.group,
-            method=args.quantizer,
-            symmetric=args.symmetric,
             correction_rank=args.correct,
             refine_steps=args.refine_steps if args.correct or args.refine_scales else 0,
             refine_scales=args.refine_scales,
-            fisher_windows=args.fisher_windows,
-            targets=tuple(args.quantize_targets),
-            calib_windows=args.calib_windows,
-            calib_seq_len=args.calib_seq_len,
-            seed=args.seed,
+            **_shared(args),
         )
 
     def _budget(self, args: argparse.Namespace, earlier: list[TransformConfig]) -> TransformConfig:
@@ -139,8 +133,6 @@ class QuantizePiece(CliPiece):
 
         if args.bits is not None:
             raise UsageError("--bits and --budget: --bits is one width for every matrix, --budget picks them; give one")
-        if args.correct:
-            raise UsageError("--correct with --budget: the budget chooses each matrix's correction rank itself")
         if earlier:
             names = ", ".join(c.name for c in earlier)
             raise UsageError(f"--budget after {names}: a budget plans the dense model's matrices; quantize them alone")
@@ -148,15 +140,10 @@ class QuantizePiece(CliPiece):
             budget=args.budget,
             budget_widths=tuple(args.budget_widths),
             budget_ranks=tuple(args.budget_ranks),
-            method=args.quantizer,
-            symmetric=args.symmetric,
+            correction_rank=args.correct,  # refused with a budget, by the config, in one line
             refine_steps=args.refine_steps,
             refine_scales=args.refine_steps > 0,
-            fisher_windows=args.fisher_windows,
-            targets=tuple(args.quantize_targets),
-            calib_windows=args.calib_windows,
-            calib_seq_len=args.calib_seq_len,
-            seed=args.seed,
+            **_shared(args),
         )
 
     def output_name(self, args: argparse.Namespace) -> str:
@@ -188,6 +175,19 @@ class QuantizePiece(CliPiece):
             f"  plan: {widths}; mean correction rank {plan['mean_correction_rank']:g}; "
             f"{plan['bits_per_weight']:.3f} bits per weight met",
         ]
+
+
+def _shared(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Quantize`` fields that ``--bits`` and ``--budget`` take from the same flags."""
+    return {
+        "method": args.quantizer,
+        "symmetric": args.symmetric,
+        "fisher_windows": args.fisher_windows,
+        "targets": tuple(args.quantize_targets),
+        "calib_windows": args.calib_windows,
+        "calib_seq_len": args.calib_seq_len,
+        "seed": args.seed,
+    }
 
 
 register_piece(QuantizePiece())

@@ -101,10 +101,6 @@ class Quantize(TransformConfig):
         """Whether Linear ``name`` (any dotted name; its last component decides) takes a correction."""
         return self.correction_targets is None or name.rpartition(".")[2] in self.correction_targets
 
-    def correction_rank_of(self, name: str) -> int:
-        """The uniform correction rank of Linear ``name`` (a budget plans its own)."""
-        return self.correction_rank if self.corrects(name) else 0
-
     @property
     def needs_data(self) -> bool:
         return self.method == "gptq" or self.correction_rank > 0 or self.budget is not None

@@ -86,10 +86,9 @@ class QuantizeLayers(LayerTransform):
             self._check_budget(model, prefixes)
             # Scores reused by budgets of one base model that share a context cache (the benchmarks).
             c = config
-            self._cache_key = ("quantize-budget", c.method, c.symmetric, c.act_order, c.budget_widths, c.budget_ranks)
-            self._cache_key += (c.targets, c.correction_targets, c.calib_windows, c.calib_seq_len, c.fisher_windows)
-            self._cache_key += (c.seed, *sorted(self.inside.items()))
-            self._cache_key = repr(self._cache_key)
+            scoring = (c.method, c.symmetric, c.act_order, c.budget_widths, c.budget_ranks, c.correction_targets)
+            data = (c.calib_windows, c.calib_seq_len, c.fisher_windows, c.seed, sorted(self.inside.items()))
+            self._cache_key = repr(("quantize-budget", scoring, data))
             if self._cache_key in context.cache:
                 self.units, self.out_scales = context.cache[self._cache_key]
                 self._allocate()
