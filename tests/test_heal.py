@@ -12,7 +12,7 @@ import eigenpatch
 from eigenpatch.cli import patch_model_main
 from eigenpatch.errors import UsageError
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.patchers import SVD, Heal
+from eigenpatch.patchers import SVD, Heal, Quantize
 from eigenpatch.patchers.heal.transform import trainable_parameters
 from eigenpatch.zoo import resolve_text
 
@@ -39,6 +39,34 @@ def test_only_factor_pairs_change_everything_else_is_byte_identical(tiny_tokeniz
         else:
             assert torch.equal(tensor, before[name]), f"{name} changed but is not a factor"
     assert [p.requires_grad for p in model.parameters()] == flags  # restored afterwards
+
+
+def test_after_quantization_only_scales_and_corrections_train_and_stay_fp16(tiny_tokenizer, tmp_path):
+    """Healing a quantized model trains each quantized Linear's scales and its correction factors
+    (in fp32, stored back in fp16); codes, zero points and everything else stay byte-identical, and
+    the healed checkpoint reloads to the same logits."""
+    from eigenpatch.format.quantized import QuantizedLinear
+
+    model = make_tiny("llama")
+    recipe = Quantize(bits=3, group=32, correction_rank=4, correction_targets=("q_proj",), refine_steps=0,
+                      calib_windows=4, calib_seq_len=64)  # fmt: skip
+    _patch(model, recipe, tiny_tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = _patch(model, Heal(steps=4, lr=1e-3, scale_lr=1e-2, **FAST), tiny_tokenizer)
+    trained = set(trainable_parameters(model))
+    assert any(k.endswith("correction_up") for k in trained) and any(k.endswith(".scales") for k in trained)
+    assert report["steps"][0]["trainable_params"] == sum(before[k].numel() for k in trained)
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == before[name].dtype, name
+        if name in trained:
+            assert not torch.equal(tensor, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(tensor, before[name]), f"{name} changed but is not trainable"
+    assert all(not m.scales.requires_grad for m in model.modules() if isinstance(m, QuantizedLinear))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    out = eigenpatch.save(model, tmp_path / "healed", tokenizer=tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.equal(eigenpatch.load(out)(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_distillation_moves_the_student_towards_the_teacher_on_held_out_text(tiny_tokenizer):
@@ -96,7 +124,7 @@ def test_resuming_with_other_settings_is_refused(tiny_tokenizer, tmp_path):
 
 
 def test_heal_without_factor_pairs_is_a_clear_error(tiny_tokenizer):
-    with pytest.raises(UsageError, match="no factor pairs"):
+    with pytest.raises(UsageError, match="found nothing to train"):
         _patch(make_tiny("llama"), Heal(steps=1, loss="lm", **FAST), tiny_tokenizer)
 
 
@@ -113,6 +141,23 @@ def test_patch_model_heal_writes_a_loadable_checkpoint_and_cleans_its_state(tmp_
     assert not (tmp_path / ".out.state").exists()
     reloaded = eigenpatch.load(out)
     assert any(isinstance(m, LowRankLinear) for m in reloaded.modules())
+
+
+def test_patch_model_heals_after_quantizing(tmp_path, tiny_tokenizer, capsys):
+    """``--bits N --heal S``: healing runs after the quantizer, on its scales, and the folder reloads."""
+    from eigenpatch.format.quantized import QuantizedLinear
+
+    src = tmp_path / "tiny"
+    make_tiny("llama").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    argv = [str(src), "--bits", "4", "--group", "32", "--calib-windows", "4", "--calib-seq-len", "64"]
+    argv += ["--heal", "2", "--heal-seq-len", "32", "--calib", "news", "-o", str(out), "-q"]
+    assert patch_model_main(argv) == 0
+    assert "heal: 2 steps (kd)" in capsys.readouterr().out
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
+    assert [step["transform"] for step in recipe] == ["quantize", "heal"]
+    assert any(isinstance(m, QuantizedLinear) for m in eigenpatch.load(out).modules())
 
 
 _KILLED_MID_SAVE = """

@@ -208,7 +208,8 @@ class QuantizedLinear(nn.Module):
 
     def _kernel_for(self, dtype: torch.dtype, device_type: str) -> str:
         fits = (
-            KERNEL_BITS[self.bits] == 4
+            not self.scales.requires_grad  # training the scales (heal): the kernel has no backward
+            and KERNEL_BITS[self.bits] == 4
             and dtype == torch.bfloat16
             and device_type == "cpu"
             and self.group in INT4_KERNEL_GROUPS

@@ -1,4 +1,4 @@
-"""Healing on the command line: ``patch-model --compress R --heal STEPS``."""
+"""Healing on the command line: ``patch-model --compress R --heal STEPS``, or after ``--bits`` / ``--budget``."""
 
 from __future__ import annotations
 
@@ -11,17 +11,28 @@ from eigenpatch.recipe import TransformConfig
 
 
 class HealPiece(CliPiece):
-    order = 30  # after every stage that makes factor pairs, before the hidden-state interventions
+    order = 37  # after compression and quantization (it trains what they left), before the interventions
     name_order = 90  # the folder name ends in -heal<STEPS>
     transforms = ("heal",)
     flag = "--heal STEPS"
-    examples = ("patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable)",)
+    examples = (
+        "patch-model --compress 0.5 --heal 300            # then distil into the factor pairs (resumable)",
+        "patch-model --budget 3.25 --heal 300             # then distil into the quantized scales (no byte added)",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        h = parser.add_argument_group("healing (train only the factor pairs after compression)")
+        h = parser.add_argument_group(
+            "healing (distil into the factor pairs after --compress, the scales and corrections after --bits/--budget)"
+        )
         h.add_argument("--heal", type=int, default=0, metavar="STEPS", help="healing steps (default 0: none)")
         h.add_argument("--heal-loss", choices=LOSSES, default="kd", help="kd: distil the original model (default)")
         h.add_argument("--heal-lr", type=float, default=Heal.lr, help="peak AdamW learning rate (%(default)s)")
+        h.add_argument(
+            "--heal-scale-lr",
+            type=float,
+            default=Heal.scale_lr,
+            help="quantized scales' peak step, relative to their magnitude (%(default)s)",
+        )
         h.add_argument("--heal-batch", type=int, default=Heal.batch_size, help="windows per step (%(default)s)")
         h.add_argument("--heal-seq-len", type=int, default=Heal.seq_len, help="tokens per window (%(default)s)")
         h.add_argument(
@@ -42,6 +53,7 @@ class HealPiece(CliPiece):
             steps=args.heal,
             loss=args.heal_loss,
             lr=args.heal_lr,
+            scale_lr=args.heal_scale_lr,
             batch_size=args.heal_batch,
             seq_len=args.heal_seq_len,
             grad_accum=args.heal_grad_accum,

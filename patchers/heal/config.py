@@ -25,6 +25,7 @@ class Heal(TransformConfig):
     steps: int = 300
     loss: str = "kd"
     lr: float = 3e-5  # measured on SmolLM2 at R = 0.5: 1e-4 first degrades (ppl 177 -> 480 in 3 steps)
+    scale_lr: float = 1e-3  # quantized Linears' scales: step relative to each tensor's mean magnitude
     batch_size: int = 1
     grad_accum: int = 1
     seq_len: int = 256

@@ -1,9 +1,17 @@
-"""``heal``: WeLore's other half — train only the factor pairs of a compressed model.
+"""``heal``: WeLore's other half — train only the small tensors a compression left.
 
 After compression, the low-rank components (LRCs: every ``LowRankLinear``'s ``lowrank_down`` and
 ``lowrank_up``) are the only trainable tensors; dense matrices, norms, embeddings and biases stay
 frozen (byte-identical), and the optimizer keeps state for the factors only. That is the memory
 argument of WeLore: the trainable set is a fraction of the model and so is AdamW's state.
+
+After quantization (``--bits`` / ``--budget``), the trainable tensors are each quantized Linear's
+fp16 scales and its correction factors; codes and zero points stay fixed, so healing adds no
+byte. This is end-to-end training of the quantization step sizes (EfficientQAT's E2E-QP, PEQA):
+the block-local refinement of the quantize step matches each layer to the dense one on its own,
+healing matches the whole model's output distribution. The scales train in fp32 with a step of
+``scale_lr`` times each tensor's mean magnitude (a scale of 0.1 and one of 0.01 move by the same
+fraction) and are stored back in fp16; the correction factors train with ``lr``, like factor pairs.
 
 Loss: knowledge distillation from the uncompressed teacher (forward KL on the full vocabulary at
 ``temperature``, the teacher run on the fly — :func:`eigenpatch.patch` keeps a frozen copy when a
@@ -37,7 +45,9 @@ from tqdm.auto import tqdm
 
 from eigenpatch.calibration import calibration_windows
 from eigenpatch.errors import UsageError
+from eigenpatch.format.corrected import CorrectedQuantizedLinear
 from eigenpatch.format.lowrank import LowRankLinear
+from eigenpatch.format.quantized import QuantizedLinear
 from eigenpatch.format.structured import StructuredLinear, set_premerge
 from eigenpatch.patchers.heal.config import Heal
 from eigenpatch.recipe import PatchContext, TransformResult, register_transform
@@ -47,24 +57,51 @@ META_KEY = "eigenpatch_heal"  # the safetensors header entry holding the step an
 
 
 def trainable_parameters(model: nn.Module, which: str = "factors") -> dict[str, nn.Parameter]:
-    """The parameters healing trains, by name: the factor pairs (or everything, for the baseline)."""
+    """The parameters healing trains, by name: the factor pairs, quantized Linears' scales and
+    correction factors (or everything, for the baseline)."""
     if which == "all":
         return dict(model.named_parameters())
-    return {
-        f"{mod_name}.{p_name}": p
-        for mod_name, module in model.named_modules()
-        if isinstance(module, LowRankLinear | StructuredLinear)
-        for p_name, p in module.named_parameters(recurse=False)
-        if p_name != "bias"
-    }
+    found: dict[str, nn.Parameter] = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, LowRankLinear | StructuredLinear):
+            names = [n for n, _ in module.named_parameters(recurse=False) if n != "bias"]
+        elif isinstance(module, QuantizedLinear):
+            names = ["scales"]
+        elif isinstance(module, CorrectedQuantizedLinear):
+            names = ["correction_down", "correction_up"]
+        else:
+            continue
+        found |= {f"{mod_name}.{n}": getattr(module, n) for n in names}
+    return found
+
+
+def scale_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The quantized Linears' scales: they train with a step relative to their magnitude."""
+    return {m.scales for m in model.modules() if isinstance(m, QuantizedLinear)}
+
+
+def _param_groups(params: dict[str, nn.Parameter], scales: set[nn.Parameter], config: Heal) -> list[dict]:
+    """One group for the factors at ``lr``; one per scale tensor at ``scale_lr`` x its mean |value|.
+    ``base_lr`` is what :func:`lr_at`'s schedule multiplies."""
+    plain = [p for p in params.values() if p not in scales]
+    groups = [{"params": plain, "lr": config.lr, "base_lr": config.lr}] if plain else []
+    for p in (p for p in params.values() if p in scales):
+        lr = config.scale_lr * float(p.detach().abs().mean().clamp_min(1e-12))
+        groups.append({"params": [p], "lr": lr, "base_lr": lr})
+    return groups
 
 
 def lr_at(step: int, config: Heal) -> float:
     """Linear warm-up to ``lr``, then cosine decay to 10 % of it at the last step."""
+    return config.lr * lr_factor(step, config)
+
+
+def lr_factor(step: int, config: Heal) -> float:
+    """The schedule of :func:`lr_at` as a fraction of the peak."""
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _use_bf16(setting: str) -> bool:
@@ -136,7 +173,10 @@ def apply_heal(model: nn.Module, config: Heal, context: PatchContext) -> Transfo
         raise UsageError("heal with loss 'kd' needs the uncompressed teacher; run it through eigenpatch.patch")
     params = trainable_parameters(model, config.trainable)
     if not params:
-        raise UsageError("heal found no factor pairs to train: put a compression step before it in the recipe")
+        raise UsageError(
+            "heal found nothing to train: put a compression (--compress) or quantization (--bits, --budget) "
+            "step before it in the recipe"
+        )
     set_premerge(model, enabled=False)  # merged copies of structured layers would go stale while training
     total = config.steps * config.grad_accum * config.batch_size
     windows = calibration_windows(context.tokenizer, context.calib_text, total, config.seq_len + 1, config.seed)
@@ -144,9 +184,12 @@ def apply_heal(model: nn.Module, config: Heal, context: PatchContext) -> Transfo
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    stored_dtypes = {p: p.dtype for p in params.values()}
     for p in params.values():
+        p.data = p.data.float()  # fp16 scales and corrections train in fp32; stored back at the end
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = _param_groups(params, scale_parameters(model), config)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = _load_state(context.state_dir, params, optimizer, config) if context.state_dir else 0
     bf16 = _use_bf16(config.autocast)
     model.train()
@@ -173,7 +216,7 @@ def apply_heal(model: nn.Module, config: Heal, context: PatchContext) -> Transfo
                 tokens += inputs.numel()
             torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
+                group["lr"] = group["base_lr"] * lr_factor(step, config)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
@@ -188,6 +231,11 @@ def apply_heal(model: nn.Module, config: Heal, context: PatchContext) -> Transfo
         model.eval()
         for p, flag in frozen.items():
             p.requires_grad_(flag)
+        for p, dtype in stored_dtypes.items():
+            p.data = p.data.to(dtype)
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m._int4 = None  # a kernel copy packed before healing holds the old scales
     seconds = time.perf_counter() - began
     return TransformResult(
         {

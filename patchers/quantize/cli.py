@@ -17,7 +17,7 @@ INT4_KERNEL_ROWS = 16
 
 
 class QuantizePiece(CliPiece):
-    order = 35  # after compression and healing (it rounds the final weights), before the interventions
+    order = 35  # after compression (it rounds the final weights), before healing and the interventions
     name_order = 35
     transforms = ("quantize",)
     flag = "--bits N"
