@@ -41,7 +41,7 @@ from results_io import RESULTS, write_result
 import eigenpatch
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.hf_io import load_model
-from eigenpatch.patchers import LowRank
+from eigenpatch.patchers import Heal, LowRank
 from eigenpatch.table import format_table
 from eigenpatch.zoo import resolve_text
 
@@ -73,6 +73,7 @@ SERIES = {
     "corrected": ("GPTQ + rank-16 correction", "s"),
     "budget": ("--budget B", "*"),
     "compress": ("--compress 0.5 (+ int4)", "D"),
+    "healed": ("+ --heal N (scales distilled end to end)", "P"),
 }
 GRID_NOTE = (
     "SmolLM2 was dequantized from Q4_1 and Qwen2.5-Coder from AWQ-scaled Q4_K_M (mostly Q5_0): at 4 bits "
@@ -81,6 +82,8 @@ GRID_NOTE = (
 
 
 def kind(spec: str) -> str:
+    if "+heal" in spec:
+        return "healed"
     if spec.startswith("c"):
         return "compress"
     method, width, *rest = spec.split(":")
@@ -90,7 +93,11 @@ def kind(spec: str) -> str:
 
 
 def configs(spec: str, calib_windows: int) -> list:
-    """The recipe of one point: ``cR`` alone is patch-model's ``--compress R``; the rest is bench/quantize's."""
+    """The recipe of one point: ``cR`` alone is patch-model's ``--compress R``; ``...+healN`` ends with
+    ``--heal N`` (distillation into the factor pairs, or the quantized scales); the rest is bench/quantize's."""
+    if "+heal" in spec:
+        spec, steps = spec.rsplit("+heal", 1)
+        return [*configs(spec, calib_windows), Heal(steps=int(steps))]
     if "+" not in spec and spec.startswith("c"):
         ratio = float(spec[1:])
         return [LowRank(ratio=ratio, allocator="loss", factorizer="fwhiten", sequential=True, refine_steps=64,
@@ -100,7 +107,8 @@ def configs(spec: str, calib_windows: int) -> list:
 
 def bits_per_weight(report: dict) -> float:
     """Bits per targeted weight of a patch report: the quantized bytes, or a factor pair's bf16 parameters."""
-    first, last = report["steps"][0], report["steps"][-1]
+    steps = [s for s in report["steps"] if s.get("transform") != "heal"]  # healing adds no byte
+    first, last = steps[0], steps[-1]
     if "bytes_after" in last:
         weights = first.get("targeted_params_before") or last["bf16_bytes_before"] / 2
         return 8 * last["bytes_after"] / weights

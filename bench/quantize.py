@@ -19,6 +19,8 @@ Each row reports:
 
 - the bytes the quantized Linears take (codes, scales, zero points) against the same Linears in
   bf16, and the whole checkpoint's bytes on disk (the fp32 embedding is most of SmolLM2's);
+- the bytes the quantized Linears hold in memory after bf16 decoding: the stored bytes plus the
+  int4 kernel's packed copy where it runs (3-bit codes run as 4-bit ones, so they cost both);
 - perplexity on ``--max-tokens`` of ``wiki:eval`` and ``news:eval`` (fp32 activations: the
   dequantizing path, so the numbers are those of the stored codes);
 - the seconds ``patch()`` took (GPTQ: the engine's layer-by-layer pass on the propagated inputs);
@@ -53,7 +55,7 @@ from results_io import RESULTS, write_result
 import eigenpatch
 from eigenpatch.evaluate import perplexity, tokenize
 from eigenpatch.format.checkpoint import weights_bytes
-from eigenpatch.format.quantized import QuantizedLinear
+from eigenpatch.format.quantized import QuantizedLinear, resident_bytes
 from eigenpatch.hf_io import load_model
 from eigenpatch.patchers import LowRank, Quantize
 from eigenpatch.table import fmt_bytes, format_table
@@ -235,6 +237,7 @@ def main() -> None:
             row["dense_decode_s_per_token"] = dense_s
             row["decode_vs_dense_bf16"] = round(dense_s / row["decode_s_per_token"], 2)
             row["bf16_kernels"] = kernels(loaded)
+            row["resident_linear_bytes"] = resident_bytes(loaded)  # after bf16 decoding: codes + kernel copies
             print(row, flush=True)
             rows.append(row)
     table = [
@@ -243,6 +246,7 @@ def main() -> None:
             fmt_bytes(r.get("linear_bytes")),
             f"{r['linear_bytes'] / r['linear_bf16_bytes']:.3f}" if "linear_bytes" in r else "-",
             fmt_bytes(r["disk_bytes"]),
+            fmt_bytes(r.get("resident_linear_bytes")),
             f"{r['ppl']['wiki']:.2f}",
             f"{r['ppl']['news']:.2f}",
             r.get("quantize_seconds", "-"),
@@ -251,7 +255,8 @@ def main() -> None:
         ]
         for r in rows
     ]
-    header = ["config", "Linears", "x bf16", "on disk", "ppl wiki", "ppl news", "s", "decode x bf16", "bf16 kernel"]
+    header = ["config", "Linears", "x bf16", "on disk", "in memory (bf16)", "ppl wiki", "ppl news", "s"]
+    header += ["decode x bf16", "bf16 kernel"]
     print(format_table(header, table))
     if onnx:
         onnx_table = []

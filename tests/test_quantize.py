@@ -74,7 +74,10 @@ def test_three_bit_codes_are_stored_at_three_bits_and_run_the_int4_kernel():
     x = torch.randn(5, 128, dtype=torch.bfloat16)
     assert module.kernel(x) == "int4pack"
     expected = x.float() @ module.dequantized().T
+    assert module.resident_bytes() == module.stored_bytes()  # nothing packed yet
     assert (module(x).float() - expected).norm() / expected.norm() < 1e-2
+    # in memory the kernel's 4-bit copy sits beside the 3-bit codes: both are counted
+    assert module.resident_bytes() >= module.stored_bytes() + 64 * 128 // 2
 
 
 def test_a_three_bit_checkpoint_exports_to_onnx_as_four_bit_matmulnbits(tiny_tokenizer, tmp_path):

@@ -112,6 +112,23 @@ def dequantize(
     return w.view(w.shape[0], -1)[:, :in_features]
 
 
+def widening_bytes(module: nn.Module) -> int:
+    """Bytes ``module``'s quantized Linears gain when each one's codes and zero points widen to the
+    width its kernels run (``KERNEL_BITS``: 3 -> 4): stored bytes plus this is what a runtime that
+    unpacks at load holds (ONNX Runtime's ``MatMulNBits`` graph). 0 unless a Linear stores 3 bits."""
+    return sum(
+        quantized_bytes(m.out_features, m.in_features, KERNEL_BITS[m.bits], m.group)
+        - quantized_bytes(m.out_features, m.in_features, m.bits, m.group)
+        for m in module.modules()
+        if isinstance(m, QuantizedLinear)
+    )
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes every quantized Linear of ``model`` holds in memory now (:meth:`QuantizedLinear.resident_bytes`)."""
+    return sum(m.resident_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
 def reference_parameter(module: nn.Module) -> torch.Tensor | None:
     """The first parameter of ``module`` that says its compute dtype and device: floating point and
     not a quantized Linear's (whose codes are uint8 and scales fp16 whatever the model computes in)."""
@@ -188,6 +205,13 @@ class QuantizedLinear(nn.Module):
     def stored_bytes(self) -> int:
         """What the weight costs: codes, scales and zero points."""
         return sum(t.numel() * t.element_size() for t in self.stored())
+
+    def resident_bytes(self) -> int:
+        """What the weight holds in memory now: the stored bytes, plus the int4 kernel's packed copy
+        once a bf16 forward built it. 3-bit codes run as that 4-bit copy, so in memory a 3-bit
+        Linear costs its 3-bit codes *and* 4-bit ones: the disk saving is not a memory saving."""
+        copy = sum(t.numel() * t.element_size() for t in self._int4) if self._int4 is not None else 0
+        return self.stored_bytes() + copy
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``[out, in]`` weight the codes stand for."""

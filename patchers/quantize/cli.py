@@ -166,14 +166,22 @@ class QuantizePiece(CliPiece):
     def summary_lines(self, step: dict[str, Any]) -> list[str]:
         how = ", layer by layer on the propagated inputs" if step["method"] == "gptq" else ""
         done = f"{step['quantized']} Linears quantized, {step['seconds']} s"
+        widened = step.get("kernel_width_bytes_after", step["bytes_after"])
+        memory = []
+        if widened != step["bytes_after"]:  # 3-bit codes: smaller on disk than in any runtime
+            memory = [
+                f"  in memory: 3-bit codes run as 4-bit ones, {fmt_bytes(widened)} of Linears in ONNX Runtime; "
+                "transformers and vLLM hold the 3-bit codes and, once a bf16 forward packs it, a 4-bit kernel copy"
+            ]
         if not step.get("plan"):
-            return [f"{step['method']} int{step['bits']}{how}: {done}"]
+            return [f"{step['method']} int{step['bits']}{how}: {done}", *memory]
         plan = step["plan"]
         widths = ", ".join(f"{n} at {w}" for w, n in plan["matrices_per_width"].items())
         return [
             f"{step['method']} with a budget of {step['budget']:g} bits per weight{how}: {done}",
             f"  plan: {widths}; mean correction rank {plan['mean_correction_rank']:g}; "
             f"{plan['bits_per_weight']:.3f} bits per weight met",
+            *memory,
         ]
 
 

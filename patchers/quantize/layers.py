@@ -43,7 +43,7 @@ from eigenpatch.engine import (
 from eigenpatch.errors import UsageError
 from eigenpatch.format.corrected import CORRECTION_DTYPE, CorrectedQuantizedLinear
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, quantized_bytes
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, quantized_bytes, widening_bytes
 from eigenpatch.patchers.lowrank.factorize import output_weighting, whitening
 from eigenpatch.patchers.quantize.budget import Option, Unit, allocate, describe, rank_losses, residual_energies
 from eigenpatch.patchers.quantize.config import Quantize
@@ -206,7 +206,7 @@ class QuantizeLayers(LayerTransform):
         if not names:
             return None
         groups = input_groups(step, names) if self.config.needs_data else [[n] for n in names]
-        before = after = 0
+        before = after = widened = 0
         for group in groups:
             gram = None
             if self.config.needs_data:
@@ -225,7 +225,13 @@ class QuantizeLayers(LayerTransform):
                     before += module.weight.numel() * BF16_BYTES
                 replace_module(step.layer, name, quantized.to(next(module.parameters()).device))
                 after += quantized.stored_bytes()
-        record: dict[str, Any] = {"matrices": len(names), "bf16_bytes": before, "bytes": after}
+                widened += quantized.stored_bytes() + widening_bytes(quantized)
+        record: dict[str, Any] = {
+            "matrices": len(names),
+            "bf16_bytes": before,
+            "bytes": after,
+            "kernel_width_bytes": widened,
+        }
         if self.config.refine_steps and self.config.needs_data:
             record["refine"] = self._refine(step)
         return record
@@ -297,6 +303,7 @@ class QuantizeLayers(LayerTransform):
             "bf16_bytes_before": sum(r["bf16_bytes"] for r in done),
             "refine_error_ratio": _ratio([r["refine"] for r in done if r.get("refine")]),
             "bytes_after": sum(r["bytes"] for r in done),
+            "kernel_width_bytes_after": sum(r.get("kernel_width_bytes", r["bytes"]) for r in done),
         }
 
 
