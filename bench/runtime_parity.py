@@ -92,13 +92,13 @@ def vllm_greedy(folder: Path, ids: list[list[int]], tokens: int) -> list[list[in
         server.wait(60)
 
 
-def onnx_greedy(folder: Path, ids: list[list[int]], tokens: int) -> tuple[list[list[int]], dict]:
+def onnx_greedy(folder: Path, tokenizer, ids: list[list[int]], tokens: int) -> tuple[list[list[int]], dict]:
     from eigenpatch.export.onnx import export_onnx
     from eigenpatch.export.runtime import OnnxCausalLM
 
     model = eigenpatch.load(folder).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        meta = export_onnx(model, Path(tmp) / "onnx", None, precision="float32", verify=True)
+        meta = export_onnx(model, Path(tmp) / "onnx", tokenizer, precision="float32", verify=True)
         runtime = OnnxCausalLM(Path(tmp) / "onnx", provider="CPU")
         out = [runtime.generate(p, max_new_tokens=tokens, stop_at_eos=False) for p in ids]
     return out, meta.get("parity", {})
@@ -122,9 +122,10 @@ def main() -> None:
         if runtime == "vllm":
             got = vllm_greedy(folder, ids, args.tokens)
         else:
-            got, extra = onnx_greedy(folder, ids, args.tokens)
+            got, extra = onnx_greedy(folder, tokenizer, ids, args.tokens)
         shared = [common_prefix(r, g) for r, g in zip(reference, got, strict=True)]
         result["runtimes"][runtime] = {"matched": sum(shared), "of": sum(map(len, reference)), **extra}
+        print(runtime, result["runtimes"][runtime], flush=True)
     table = [[k, f"{v['matched']} / {v['of']}"] for k, v in result["runtimes"].items()]
     print(format_table(["runtime", "greedy tokens equal to transformers'"], table))
     write_result(args.out or RESULTS / f"runtime_parity-{folder.name}.json", result)
