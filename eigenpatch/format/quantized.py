@@ -206,6 +206,11 @@ class QuantizedLinear(nn.Module):
         """What the weight costs: codes, scales and zero points."""
         return sum(t.numel() * t.element_size() for t in self.stored())
 
+    def scales_changed(self) -> None:
+        """Drop the kernel's packed copy after the scales were written in place (healing trains
+        them): it holds the old ones, and the next bf16 forward packs it again."""
+        self._int4 = None
+
     def resident_bytes(self) -> int:
         """What the weight holds in memory now: the stored bytes, plus the int4 kernel's packed copy
         once a bf16 forward built it. 3-bit codes run as that 4-bit copy, so in memory a 3-bit

@@ -82,7 +82,7 @@ def scale_parameters(model: nn.Module) -> set[nn.Parameter]:
 
 def _param_groups(params: dict[str, nn.Parameter], scales: set[nn.Parameter], config: Heal) -> list[dict]:
     """One group for the factors at ``lr``; one per scale tensor at ``scale_lr`` x its mean |value|.
-    ``base_lr`` is what :func:`lr_at`'s schedule multiplies."""
+    ``base_lr`` is the peak that :func:`lr_factor` scales at each step."""
     plain = [p for p in params.values() if p not in scales]
     groups = [{"params": plain, "lr": config.lr, "base_lr": config.lr}] if plain else []
     for p in (p for p in params.values() if p in scales):
@@ -91,13 +91,8 @@ def _param_groups(params: dict[str, nn.Parameter], scales: set[nn.Parameter], co
     return groups
 
 
-def lr_at(step: int, config: Heal) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to 10 % of it at the last step."""
-    return config.lr * lr_factor(step, config)
-
-
 def lr_factor(step: int, config: Heal) -> float:
-    """The schedule of :func:`lr_at` as a fraction of the peak."""
+    """The schedule, as a fraction of each group's peak: linear warm-up, then cosine decay to 10 %."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -235,7 +230,7 @@ def apply_heal(model: nn.Module, config: Heal, context: PatchContext) -> Transfo
             p.data = p.data.to(dtype)
         for m in model.modules():
             if isinstance(m, QuantizedLinear):
-                m._int4 = None  # a kernel copy packed before healing holds the old scales
+                m.scales_changed()
     seconds = time.perf_counter() - began
     return TransformResult(
         {
