@@ -9,8 +9,10 @@ same code on the same tokens (``--max-tokens`` of ``wiki:eval`` and ``news:eval`
 
 - the anchors, uniform RTN and uniform GPTQ at 2, 3, 4 and 8 bits (groups of 64; 2 bits also at 32);
 - GPTQ plus a rank-16 correction of each Linear's rounding error (``--bits N --correct 16``);
-- ``--budget B`` at 2.5, 3, 3.25, 4 and 4.5 bits per weight (its default ladder and refinement;
+- ``--budget B`` at 2.5, 3, 3.25, 4, 4.25 and 4.5 bits per weight (its default ladder and refinement;
   the budgets share one scoring pass, as ``patch-model`` runs on one model would through the cache);
+- ``+heal300``: the budgets of the acceptance (2.5, 3.25, 4.25) and uniform GPTQ int3, their fp16
+  scales distilled from the dense model end to end (``--heal 300``; no byte added);
 - ``--compress 0.5`` (patch-model's default recipe), alone and with its factors at 4 bits.
 
 A point's specification is ``bench/quantize.py``'s (``METHOD:BITS:GROUP[:rK]``, ``METHOD:bB``,
@@ -23,7 +25,10 @@ float scale and minimum), Qwen2.5-Coder-0.5B from an AWQ-scaled Q4_K_M file (mos
 quantizer at 4 bits and above can land partly back on those grids, so there the "dense"
 reference flatters every quantizer; at 3 bits and below it cannot. The plot says so.
 
-Writes ``bench/results/pareto[-MODEL].json`` and the PNG beside it.
+Writes ``bench/results/pareto[-MODEL].json`` and the PNG beside it after every point. The whole list
+takes hours on a 2-core CPU: ``--resume`` keeps the points a stopped run measured and measures the
+rest, after checking that the dense model scores exactly what the file recorded (same weights, same
+tokens, same eval code).
 """
 
 from __future__ import annotations
@@ -45,24 +50,29 @@ from eigenpatch.patchers import Heal, LowRank
 from eigenpatch.table import format_table
 from eigenpatch.zoo import resolve_text
 
-POINTS = (
-    "rtn:8:64",
-    "gptq:8:64",
+POINTS = (  # the acceptance points first: a run stopped early keeps what the issue gates on
     "rtn:4:64",
     "gptq:4:64",
     "rtn:3:64",
     "gptq:3:64",
     "rtn:2:64",
     "gptq:2:64",
-    "rtn:2:32",
-    "gptq:2:32",
-    "gptq:3:64:r16",
-    "gptq:2:32:r16",
+    "gptq:b3.25:refine0+heal300",
+    "gptq:b2.5:refine0+heal300",
+    "gptq:b4.25:refine0+heal300",
+    "gptq:3:64+heal300",
     "gptq:b4.5",
+    "gptq:b4.25",
     "gptq:b4",
     "gptq:b3.25",
     "gptq:b3",
     "gptq:b2.5",
+    "rtn:8:64",
+    "gptq:8:64",
+    "rtn:2:32",
+    "gptq:2:32",
+    "gptq:3:64:r16",
+    "gptq:2:32:r16",
     "c0.5",
     "c0.5+gptq:4:64",
 )
@@ -151,6 +161,19 @@ def plot(result: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def resumed(previous: dict, result: dict) -> list[dict]:
+    """The rows of a stopped run, if it measured this model the same way; else stop with why."""
+    same = all(previous.get(k) == result[k] for k in ("model", "calib_windows", "eval_tokens"))
+    dense = next((r for r in previous.get("rows", []) if r["config"] == "dense"), None)
+    if not same or dense is None or dense["ppl"] != result["rows"][0]["ppl"]:
+        raise SystemExit(
+            f"--resume: the results file measured something else (model, calibration, eval tokens or dense "
+            f"perplexity differ: {dense and dense['ppl']} vs {result['rows'][0]['ppl']}); drop --resume or pick --out"
+        )
+    print(f"resuming: {len(previous['rows']) - 1} points kept", flush=True)
+    return previous["rows"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a zoo name or a model folder")
@@ -159,6 +182,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4096, help="eval tokens per text")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/pareto[-MODEL].json)")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only redraw the PNG of a results file")
+    parser.add_argument("--resume", action="store_true", help="keep the points the results file already has")
     args = parser.parse_args()
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
@@ -177,8 +201,11 @@ def main() -> None:
     rows = [{"config": "dense", "bits_per_weight": 16.0, "ppl": ppl(base)}]
     print(rows[0], flush=True)
     result = {"model": name, "calib_windows": args.calib_windows, "eval_tokens": args.max_tokens, "rows": rows}
+    if args.resume and out.exists():
+        rows[:] = resumed(json.loads(out.read_text()), result)
+    done = {r["config"] for r in rows}
     cache: dict = {}  # the budgets share one Fisher and scoring pass
-    for spec in args.points:
+    for spec in (s for s in args.points if s not in done):
         model = copy.deepcopy(base)
         start = time.perf_counter()
         report = eigenpatch.patch(
@@ -195,8 +222,9 @@ def main() -> None:
             "ppl": ppl(model.eval()),
             "seconds": round(time.perf_counter() - start, 1),
         }
-        if report["steps"][-1].get("plan"):
-            row["plan"] = report["steps"][-1]["plan"]
+        plan = next((s["plan"] for s in report["steps"] if s.get("plan")), None)
+        if plan:
+            row["plan"] = plan
         print(row, flush=True)
         rows.append(row)
         del model
