@@ -4,7 +4,8 @@
     python bench/decode_speed.py --patched P05 P03 --runtimes transformers onnx --repeats 5
     python bench/decode_speed.py --patched Q4 --runtimes vllm --vllm-int4 torch vllm   # int4 kernels in vLLM
 
-Runtimes: ``transformers`` (eager, fp32, as ``eigenpatch.load`` gives it), ``onnx`` (the fp32
+Runtimes: ``transformers`` (eager, fp32, as ``eigenpatch.load`` gives it; ``transformers-bf16``
+the same in bf16, where quantized Linears run PyTorch's int4 kernel), ``onnx`` (the fp32
 graph ``eigenpatch export`` writes, in ONNX Runtime's CPU provider) and ``vllm`` (``eigenpatch
 serve``, bf16, the OpenAI endpoint, which compiles its model with ``torch.compile``). transformers
 under ``torch.compile`` is not a row: its warm-up (a 256-token prefill, batch-1 and batch-16 decode
@@ -41,7 +42,8 @@ from results_io import RESULTS, peak_rss_bytes, write_result
 from eigenpatch.table import fmt_bytes, fmt_float, format_table
 from eigenpatch.zoo import resolve_model, resolve_text
 
-RUNTIMES = ("transformers", "onnx", "vllm")
+RUNTIMES = ("transformers", "transformers-bf16", "onnx", "vllm")
+DEFAULT_RUNTIMES = ("transformers", "onnx", "vllm")
 
 
 def weight_bytes(folder: Path) -> int:
@@ -62,16 +64,16 @@ def prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
 
 
 class TorchRunner:
-    """transformers through its KV cache."""
+    """transformers through its KV cache, in fp32 or bf16 (where quantized Linears run the int4 kernel)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, bf16: bool = False) -> None:
         import torch
 
         import eigenpatch
 
         torch.set_grad_enabled(False)
         self.torch = torch
-        self.model = eigenpatch.load(folder).eval()
+        self.model = eigenpatch.load(folder, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
 
     def step(self, ids: Any, cache: Any) -> Any:
         logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
@@ -127,7 +129,7 @@ def measure_in_process(runner: Any, work: dict[str, Any]) -> dict[str, float]:
 
 def worker(runtime: str, folder: Path) -> None:
     """Load one model, then answer each line of stdin (a JSON work order) with one measurement."""
-    runner = OnnxRunner(folder) if runtime == "onnx" else TorchRunner(folder)
+    runner = OnnxRunner(folder) if runtime == "onnx" else TorchRunner(folder, bf16=runtime == "transformers-bf16")
     print("ready", flush=True)
     for line in sys.stdin:
         work = json.loads(line)
@@ -211,7 +213,9 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("RUNTIME", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m", help="the dense model (zoo name or folder)")
     parser.add_argument("--patched", nargs="+", required=False, default=[], help="patched checkpoint folder(s)")
-    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(DEFAULT_RUNTIMES),
+                        help="transformers-bf16: eigenpatch.load(dtype=bfloat16), where quantized Linears run "
+                        "PyTorch's int4 kernel (not a default row)")  # fmt: skip
     parser.add_argument("--prefill-tokens", type=int, default=256)
     parser.add_argument("--decode-prompt", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=64)

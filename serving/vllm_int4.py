@@ -94,7 +94,7 @@ def vllm_kernel_for(module: QuantizedLinear, act_dtype: torch.dtype) -> VllmInt4
     from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
 
     device = module.qweight.device
-    codes = unpack(module.qweight, module.bits, k).to(torch.int32).T.contiguous()  # [K, N]; 3-bit codes fit uint4
+    codes = unpack(module.qweight, module.bits, k).to(torch.int32).T.contiguous()  # [K, N]; 2/3-bit codes fit uint4
     zeros = unpack(module.zeros, module.bits, k // group).to(torch.int32).T.contiguous()  # [groups, N]
     holder = nn.Module()
     holder.w_q = _frozen(

@@ -17,9 +17,10 @@ At 4 bits, group 32 that is ``0.5 + 2.5 / 32`` bytes per weight: 0.29x bf16.
 
 How a runtime computes with them (:meth:`QuantizedLinear.forward`): in transformers on a CPU with
 bf16 activations, 4-bit codes with a group of 32 to 256 and N a multiple of 16 run PyTorch's own
-int4 kernel (``aten._weight_int4pack_mm_for_cpu``, the op torchao calls); everything else
-(fp32 activations, where that kernel is 40x slower than a dense GEMM; 2 and 8 bits) dequantizes
-the weight for each call and runs ``F.linear``: correct everywhere, memory-light, and slow.
+int4 kernel (``aten._weight_int4pack_mm_for_cpu``, the op torchao calls), and so do 2- and 3-bit
+codes, which are valid 4-bit codes (``KERNEL_BITS``); everything else (fp32 activations, where that
+kernel is 40x slower than a dense GEMM; 8 bits) dequantizes the weight for each call and runs
+``F.linear``: correct everywhere, memory-light, and slow.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ from torch import nn
 #: The widths a quantized Linear stores. 3-bit codes pack 8 to 3 bytes; no runtime here has a 3-bit
 #: kernel, so they compute as 4-bit codes (the same values, a wider container): see ``KERNEL_BITS``.
 BITS = (2, 3, 4, 8)
-#: The width whose kernels a stored width runs on: 3-bit codes are valid 4-bit codes.
-KERNEL_BITS = {2: 2, 3: 4, 4: 4, 8: 8}
+#: The width whose kernels a stored width runs on. 2- and 3-bit codes are valid 4-bit codes, and
+#: every runtime's 4-bit kernel is fast where its 2-bit path (if any) is not: PyTorch has none (a
+#: dequantize per call, 0.18x dense decode), ONNX Runtime 1.32's 2-bit ``MatMulNBits`` measured
+#: 35-55x slower than its 4-bit one at batch 1 on a 576 x 1536 weight. So they run widened, and
+#: cost 4-bit codes in memory (:func:`widening_bytes`); on disk they stay at their width.
+KERNEL_BITS = {2: 4, 3: 4, 4: 4, 8: 8}
 #: Group sizes PyTorch's CPU int4 kernel takes along K.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 #: Whether this PyTorch has that kernel (looked up once, not on every forward).
@@ -114,7 +119,7 @@ def dequantize(
 
 def widening_bytes(module: nn.Module) -> int:
     """Bytes ``module``'s quantized Linears gain when each one's codes and zero points widen to the
-    width its kernels run (``KERNEL_BITS``: 3 -> 4): stored bytes plus this is what a runtime that
+    width its kernels run (``KERNEL_BITS``: 2 and 3 -> 4): stored bytes plus this is what a runtime that
     unpacks at load holds (ONNX Runtime's ``MatMulNBits`` graph). 0 unless a Linear stores 3 bits."""
     return sum(
         quantized_bytes(m.out_features, m.in_features, KERNEL_BITS[m.bits], m.group)
@@ -213,8 +218,8 @@ class QuantizedLinear(nn.Module):
 
     def resident_bytes(self) -> int:
         """What the weight holds in memory now: the stored bytes, plus the int4 kernel's packed copy
-        once a bf16 forward built it. 3-bit codes run as that 4-bit copy, so in memory a 3-bit
-        Linear costs its 3-bit codes *and* 4-bit ones: the disk saving is not a memory saving."""
+        once a bf16 forward built it. 2- and 3-bit codes run as that 4-bit copy, so in memory such a
+        Linear costs its own codes *and* 4-bit ones: the disk saving is not a memory saving."""
         copy = sum(t.numel() * t.element_size() for t in self._int4) if self._int4 is not None else 0
         return self.stored_bytes() + copy
 
@@ -251,14 +256,21 @@ class QuantizedLinear(nn.Module):
     def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """PyTorch's CPU int4 packing and its ``[groups, N, 2]`` bf16 scales and float zero points.
 
-        The kernel means ``(q - 8) * s + m``; ours is ``(q - z) * s``, so ``m = (8 - z) s``.
+        The kernel means ``(q - 8) * s + m``; ours is ``(q - z) * s``, so ``m = (8 - z) s``. The
+        table holds ``m`` in bf16, whose rounding is relative to ``m``: for codes narrower than 4
+        bits each group's codes are moved up by ``8 - z`` first (``q + 8 - z`` stays in [1, 15]),
+        which makes ``m`` exactly 0, so a 2-bit weight keeps the 4-bit one's accuracy (1e-3
+        relative, not 2e-2).
         """
         if self._int4 is None:
             codes = unpack(self.qweight, self.bits, self.in_features).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             s = self.scales.float()
-            z = unpack(self.zeros, self.bits, s.shape[1]).float()
-            table = torch.stack([s.T, ((8 - z) * s).T], dim=-1).to(torch.bfloat16).contiguous()
+            z = unpack(self.zeros, self.bits, s.shape[1]).to(torch.int32)
+            if self.bits < 4:
+                codes = codes + (8 - z).repeat_interleave(self.group, dim=1)
+                z = torch.full_like(z, 8)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            table = torch.stack([s.T, ((8 - z.float()) * s).T], dim=-1).to(torch.bfloat16).contiguous()
             self._int4 = (packed, table)
         return self._int4
 

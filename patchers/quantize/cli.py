@@ -38,8 +38,8 @@ class QuantizePiece(CliPiece):
             "--bits",
             type=int,
             metavar="N",
-            help="bits per weight: 8, 4, 3 or 2 (default: no quantization; 3-bit codes are stored at 3 bits and run "
-            "as 4-bit ones); with --compress, both factors of each pair, ranks planned in whole groups",
+            help="bits per weight: 8, 4, 3 or 2 (default: no quantization; 2- and 3-bit codes are stored at their "
+            "width and run as 4-bit ones); with --compress, both factors of each pair, ranks planned in whole groups",
         )
         g.add_argument(
             "--group",
@@ -168,10 +168,11 @@ class QuantizePiece(CliPiece):
         done = f"{step['quantized']} Linears quantized, {step['seconds']} s"
         widened = step.get("kernel_width_bytes_after", step["bytes_after"])
         memory = []
-        if widened != step["bytes_after"]:  # 3-bit codes: smaller on disk than in any runtime
+        if widened != step["bytes_after"]:  # 2/3-bit codes: smaller on disk than in any runtime
             memory = [
-                f"  in memory: 3-bit codes run as 4-bit ones, {fmt_bytes(widened)} of Linears in ONNX Runtime; "
-                "transformers and vLLM hold the 3-bit codes and, once a bf16 forward packs it, a 4-bit kernel copy"
+                f"  in memory: 2- and 3-bit codes run as 4-bit ones, {fmt_bytes(widened)} of Linears in ONNX "
+                "Runtime; transformers and vLLM hold the stored codes and, once a bf16 forward packs it, a 4-bit "
+                "kernel copy"
             ]
         if not step.get("plan"):
             return [f"{step['method']} int{step['bits']}{how}: {done}", *memory]
