@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eigenpatch.format.corrected import CorrectedQuantizedLinear
 from eigenpatch.format.quantized import KERNEL_BITS, QuantizedLinear, unpack
 
 KERNEL_ENV = "EIGENPATCH_VLLM_INT4"
@@ -119,6 +120,9 @@ def use_vllm_kernels(modules: nn.ModuleList, act_dtype: torch.dtype) -> list[str
     choice = kernel_choice()
     if choice == "torch" or (choice == "auto" and current_platform.is_cpu()):
         # the format's own forward; its kernel copy built now, before vLLM compiles the model
+        for m in modules.modules():  # a corrected Linear's factors: their activation-dtype copy, too
+            if isinstance(m, CorrectedQuantizedLinear):
+                m.factors(act_dtype)
         return sorted({m.prepare(act_dtype) for m in modules.modules() if isinstance(m, QuantizedLinear)})
     used = []
     for parent in list(modules.modules()):

@@ -68,6 +68,26 @@ def test_a_corrected_linear_adds_its_pair_and_keeps_fp16_factors_through_a_cast(
     assert module.stored_bytes() == base.stored_bytes() + 2 * 4 * (96 + 128)
 
 
+def test_a_bf16_forward_casts_the_fp16_pair_once_and_again_only_when_it_changes():
+    w, _, _ = _problem()
+    module = CorrectedQuantizedLinear.from_parts(
+        quantize_rtn(w, 4, 32).module(), torch.randn(96, 4), torch.randn(4, 128)
+    )
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():  # inference (vLLM runs in inference mode)
+        first = module(x)
+        down, up = module.factors(torch.bfloat16)
+        assert module.factors(torch.bfloat16)[0] is down and down.dtype == torch.bfloat16  # kept, not recast
+        assert module.resident_bytes() == module.correction_bytes() + 2 * 4 * (96 + 128)  # the copy is counted
+        module.correction_up.mul_(2)  # an in-place change (heal's optimizer steps are one)
+        assert module.factors(torch.bfloat16)[1] is not up
+        assert not torch.equal(module(x), first)
+        expected = module.base(x) + x @ module.correction_down.to(x.dtype).T @ module.correction_up.to(x.dtype).T
+        torch.testing.assert_close(module(x), expected)
+    module(x).float().sum().backward()  # training: the live cast, so gradients reach the pair
+    assert module.correction_up.grad is not None
+
+
 @pytest.fixture(scope="module")
 def corrected_tiny(tmp_path_factory, tiny_tokenizer):
     """A tiny Llama, GPTQ int2 (groups of 32) with and without rank-16 corrections; the first saved."""

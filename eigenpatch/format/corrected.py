@@ -52,6 +52,7 @@ class CorrectedQuantizedLinear(nn.Module):
         self.correction_down = nn.Parameter(torch.zeros(rank, in_features, dtype=CORRECTION_DTYPE, device=device))
         self.correction_up = nn.Parameter(torch.zeros(out_features, rank, dtype=CORRECTION_DTYPE, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._cast: tuple | None = None  # the factors in the activations' dtype (see :meth:`factors`)
 
     @classmethod
     def from_parts(
@@ -82,8 +83,31 @@ class CorrectedQuantizedLinear(nn.Module):
         """What the weight costs: the base's codes, scales and zero points, and the correction pair."""
         return self.base.stored_bytes() + self.correction_bytes()
 
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair in ``dtype``. Stored in fp16, it runs in the activations' dtype: a bf16 model would
+        otherwise cast both factors on every call (two more ops per Linear and token, which at batch 1
+        cost about what the GEMMs do). The copy is kept while the factors stay as they are (same
+        storage, same in-place version) and never where gradients may flow to them."""
+        down, up = self.correction_down, self.correction_up
+        if dtype == down.dtype or (torch.is_grad_enabled() and (down.requires_grad or up.requires_grad)):
+            return down.to(dtype), up.to(dtype)
+        if torch.compiler.is_compiling():  # vLLM: built by prepare() before the trace, no Python checks in it
+            cast = self._cast
+            return (cast[1], cast[2]) if cast is not None and cast[0][0] == dtype else (down.to(dtype), up.to(dtype))
+        key = (dtype, down.data_ptr(), down._version, up.data_ptr(), up._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, down.detach().to(dtype), up.detach().to(dtype))
+        return self._cast[1], self._cast[2]
+
+    def resident_bytes(self) -> int:
+        """The pair in memory now: stored, plus its activation-dtype copy once a forward made it (the
+        base's codes and kernel copy are the base's own :meth:`QuantizedLinear.resident_bytes`)."""
+        copy = sum(t.numel() * t.element_size() for t in self._cast[1:]) if self._cast is not None else 0
+        return self.correction_bytes() + copy
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x) + F.linear(F.linear(x, self.correction_down.to(x.dtype)), self.correction_up.to(x.dtype))
+        down, up = self.factors(x.dtype)
+        y = self.base(x) + F.linear(F.linear(x, down), up)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dense_weight(self) -> torch.Tensor:
@@ -92,6 +116,7 @@ class CorrectedQuantizedLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> CorrectedQuantizedLinear:
         stored = (self.correction_down.data, self.correction_up.data)
+        self._cast = None
         out = super()._apply(fn, recurse)
         if self.correction_down.dtype != CORRECTION_DTYPE:  # a cast of the model keeps the stored factors
             self.correction_down.data = stored[0].to(self.correction_down.device)

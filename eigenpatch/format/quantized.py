@@ -130,8 +130,12 @@ def widening_bytes(module: nn.Module) -> int:
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes every quantized Linear of ``model`` holds in memory now (:meth:`QuantizedLinear.resident_bytes`)."""
-    return sum(m.resident_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    """Bytes every quantized Linear of ``model`` holds in memory now (:meth:`QuantizedLinear.resident_bytes`),
+    with the correction pairs of corrected ones (``CorrectedQuantizedLinear.resident_bytes``)."""
+    from eigenpatch.format.corrected import CorrectedQuantizedLinear  # it imports this module
+
+    kinds = (QuantizedLinear, CorrectedQuantizedLinear)
+    return sum(m.resident_bytes() for m in model.modules() if isinstance(m, kinds))
 
 
 def reference_parameter(module: nn.Module) -> torch.Tensor | None:
