@@ -120,10 +120,13 @@ def use_vllm_kernels(modules: nn.ModuleList, act_dtype: torch.dtype) -> list[str
     choice = kernel_choice()
     if choice == "torch" or (choice == "auto" and current_platform.is_cpu()):
         # the format's own forward; its kernel copy built now, before vLLM compiles the model
-        for m in modules.modules():  # a corrected Linear's factors: their activation-dtype copy, too
-            if isinstance(m, CorrectedQuantizedLinear):
+        kernels = set()
+        for m in modules.modules():
+            if isinstance(m, QuantizedLinear):
+                kernels.add(m.prepare(act_dtype))
+            elif isinstance(m, CorrectedQuantizedLinear):  # its pair's activation-dtype copy, too
                 m.factors(act_dtype)
-        return sorted({m.prepare(act_dtype) for m in modules.modules() if isinstance(m, QuantizedLinear)})
+        return sorted(kernels)
     used = []
     for parent in list(modules.modules()):
         for name, child in list(parent.named_children()):

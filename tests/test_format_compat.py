@@ -17,6 +17,7 @@ The reference was checked once against the logits the old code itself stored bes
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import zlib
@@ -35,11 +36,15 @@ IDS = torch.arange(2 * 9).reshape(2, 9) * 13 % 300  # the ids make_fixtures.py u
 DTYPES = {"F32": torch.float32}
 
 
+@functools.cache
+def manifest(kind: str) -> dict:
+    return json.loads((FIXTURES / kind / "manifest.json").read_text())
+
+
 def v1_tensors(kind: str) -> dict[str, torch.Tensor]:
     """Every tensor the manifest names, seeded by its name: norms near 1, the rest small Gaussians."""
-    manifest = json.loads((FIXTURES / kind / "manifest.json").read_text())
     tensors = {}
-    for name, entry in manifest["tensors"].items():
+    for name, entry in manifest(kind)["tensors"].items():
         g = torch.Generator().manual_seed(zlib.crc32(f"{kind}/{name}".encode()))
         values = torch.randn(entry["shape"], generator=g, dtype=DTYPES[entry["dtype"]])
         tensors[name] = 1 + 0.1 * values if name.endswith("norm.weight") else 0.3 * values
@@ -51,8 +56,7 @@ def write_v1(kind: str, folder: Path) -> dict[str, torch.Tensor]:
     folder.mkdir(parents=True)
     shutil.copy(FIXTURES / kind / "config.json", folder / "config.json")
     tensors = v1_tensors(kind)
-    metadata = json.loads((FIXTURES / kind / "manifest.json").read_text())["metadata"]
-    save_file(tensors, str(folder / "model.safetensors"), metadata)
+    save_file(tensors, str(folder / "model.safetensors"), manifest(kind)["metadata"])
     return tensors
 
 

@@ -91,7 +91,7 @@ class CorrectedQuantizedLinear(nn.Module):
         down, up = self.correction_down, self.correction_up
         if dtype == down.dtype or (torch.is_grad_enabled() and (down.requires_grad or up.requires_grad)):
             return down.to(dtype), up.to(dtype)
-        if torch.compiler.is_compiling():  # vLLM: built by prepare() before the trace, no Python checks in it
+        if torch.compiler.is_compiling():  # vLLM built the copy before compiling: no Python checks in the trace
             cast = self._cast
             return (cast[1], cast[2]) if cast is not None and cast[0][0] == dtype else (down.to(dtype), up.to(dtype))
         key = (dtype, down.data_ptr(), down._version, up.data_ptr(), up._version)

@@ -120,7 +120,7 @@ def dequantize(
 def widening_bytes(module: nn.Module) -> int:
     """Bytes ``module``'s quantized Linears gain when each one's codes and zero points widen to the
     width its kernels run (``KERNEL_BITS``: 2 and 3 -> 4): stored bytes plus this is what a runtime that
-    unpacks at load holds (ONNX Runtime's ``MatMulNBits`` graph). 0 unless a Linear stores 3 bits."""
+    unpacks at load holds (ONNX Runtime's ``MatMulNBits`` graph). 0 unless a Linear stores 2 or 3 bits."""
     return sum(
         quantized_bytes(m.out_features, m.in_features, KERNEL_BITS[m.bits], m.group)
         - quantized_bytes(m.out_features, m.in_features, m.bits, m.group)
@@ -263,7 +263,7 @@ class QuantizedLinear(nn.Module):
         The kernel means ``(q - 8) * s + m``; ours is ``(q - z) * s``, so ``m = (8 - z) s``. The
         table holds ``m`` in bf16, whose rounding is relative to ``m``: for codes narrower than 4
         bits each group's codes are moved up by ``8 - z`` first (``q + 8 - z`` stays in [1, 15]),
-        which makes ``m`` exactly 0, so a 2-bit weight keeps the 4-bit one's accuracy (1e-3
+        which makes ``m`` exactly 0, so a 2-bit weight keeps the 4-bit one's accuracy (2.5e-3
         relative, not 2e-2).
         """
         if self._int4 is None:
