@@ -8,8 +8,9 @@ group=32, correction_rank=K)``, no refinement), scored with its fp16 factors as 
 each factor rounded per row to int8 (symmetric, one fp16 scale per row: ``K (in + out)`` bytes plus
 ``2 (K + out)`` for the scales, against ``2 K (in + out)``). Bits per weight count everything (codes,
 scales, zero points, factors). Rank 2K at int8 costs what rank K at fp16 does, so the pair of runs
-answers "store the factors at 8 or 16 bits" at equal bytes. Simulated rounding: the format stores
-fp16 factors today; this bench says whether an int8 layout is worth adding.
+answers "store the factors at 8 or 16 bits" at equal bytes. The rounding is simulated on the fp16
+checkpoint's factors (``--correction-bits 16``), the same per-row rounding ``--correction-bits 8``
+(the default since) stores.
 
 Writes ``bench/results/correction_bits.json``.
 """
@@ -56,7 +57,7 @@ def main() -> None:
     rows, cache = [], {}  # one Fisher pass for every rank
     for rank in args.ranks:
         model, start = copy.deepcopy(base), time.perf_counter()
-        config = Quantize(bits=2, group=32, correction_rank=rank, calib_windows=args.calib_windows)
+        config = Quantize(bits=2, group=32, correction_rank=rank, correction_bits=16, calib_windows=args.calib_windows)
         report = eigenpatch.patch(
             model, config, tokenizer=tokenizer, calib_text=calib, show_progress=False, calibration_cache=cache
         )

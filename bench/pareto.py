@@ -161,6 +161,14 @@ def plot(result: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def correction_storage(report: dict) -> dict[str, int]:
+    """``{"correction_bits": 8 or 16}`` for a point whose quantize step may correct (a rank or a budget)."""
+    step = next((s for s in report["steps"] if s.get("transform") == "quantize"), None)
+    if step is None or not (step.get("correction_rank") or step.get("budget")):
+        return {}
+    return {"correction_bits": step["correction_bits"]}
+
+
 def resumed(previous: dict, result: dict) -> list[dict]:
     """The rows of a stopped run, if it measured this model the same way; else stop with why."""
     same = all(previous.get(k) == result[k] for k in ("model", "calib_windows", "eval_tokens"))
@@ -171,6 +179,9 @@ def resumed(previous: dict, result: dict) -> list[dict]:
             f"perplexity differ: {dense and dense['ppl']} vs {result['rows'][0]['ppl']}); drop --resume or pick --out"
         )
     print(f"resuming: {len(previous['rows']) - 1} points kept", flush=True)
+    for row in previous["rows"]:  # rows from before the field: their corrections were stored in fp16
+        if "correction_bits" not in row and (":b" in row["config"] or ":r" in row["config"]):
+            row["correction_bits"] = 16
     return previous["rows"]
 
 
@@ -225,6 +236,7 @@ def main() -> None:
         plan = next((s["plan"] for s in report["steps"] if s.get("plan")), None)
         if plan:
             row["plan"] = plan
+        row |= correction_storage(report)
         print(row, flush=True)
         rows.append(row)
         del model

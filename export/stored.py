@@ -8,8 +8,8 @@ layout, so nothing is rounded again and the file holds the checkpoint's bytes. T
 runs on the mapped graph. ``MatMulNBits`` takes 4 and 8 bits fast (its 2-bit path measured 35-55x
 slower than 4-bit at batch 1; it has no 3-bit one): 2- and 3-bit codes are mapped as 4-bit ones
 (the same values, repacked), so the file holds half a byte per weight for them. A corrected
-quantized Linear's base is mapped the same way; its fp16 correction pair stays two fp32 MatMuls
-beside it.
+quantized Linear's base is mapped the same way; its correction pair (fp16, or int8 rows with
+their scales) is traced as two fp32 MatMuls beside it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from eigenpatch.export.weight_only import nbits_node, save_rewritten, targets
-from eigenpatch.format.corrected import CORRECTION_DTYPE, CorrectedQuantizedLinear
+from eigenpatch.format.corrected import CorrectedQuantizedLinear, float_factors
 from eigenpatch.format.quantized import KERNEL_BITS, QuantizedLinear
 from eigenpatch.quantizer import BlockQuant
 
@@ -42,25 +42,28 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
 
 def stored_dtype_tensors(model: nn.Module) -> set[int]:
     """Ids of the tensors whose dtype the format fixes whatever the model computes in (codes,
-    scales, zero points, fp16 corrections): not a sign that the model was loaded in another dtype."""
+    scales, zero points, correction pairs): not a sign that the model was loaded in another dtype."""
     ids = {id(t) for m in quantized_modules(model).values() for t in m.stored()}
     for m in model.modules():
         if isinstance(m, CorrectedQuantizedLinear):
-            ids |= {id(m.correction_down), id(m.correction_up)}
+            ids |= {id(t) for t in m.stored_tensors()}
     return ids
 
 
 @contextmanager
 def dequantized_linears(model: nn.Module) -> Iterator[dict[str, BlockQuant]]:
-    """Within the block each quantized Linear is an fp32 ``nn.Linear`` of the weight it stands for;
-    yields the stored codes keyed by that weight's bytes. The modules are put back after."""
-    swapped: list[tuple[nn.Module, str, QuantizedLinear]] = []
+    """Within the block each quantized Linear is an fp32 ``nn.Linear`` of the weight it stands for
+    and each correction pair two fp32 factors; yields the stored codes keyed by that weight's bytes.
+    The modules and the pairs' stored tensors are put back after, as they were."""
     codes: dict[str, BlockQuant] = {}
-    corrections = [m for m in model.modules() if isinstance(m, CorrectedQuantizedLinear)]
+    with float_factors(model, trained=False), _plain_linears(model, codes):
+        yield codes
+
+
+@contextmanager
+def _plain_linears(model: nn.Module, codes: dict[str, BlockQuant]) -> Iterator[None]:
+    swapped: list[tuple[nn.Module, str, QuantizedLinear]] = []
     try:
-        for module in corrections:  # fp16 -> fp32 is exact: the graph's MatMuls read fp32 factors
-            module.correction_down.data = module.correction_down.data.float()
-            module.correction_up.data = module.correction_up.data.float()
         for name, module in quantized_modules(model).items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -73,13 +76,10 @@ def dequantized_linears(model: nn.Module) -> Iterator[dict[str, BlockQuant]]:
             codes[_key(weight.numpy())] = BlockQuant.of_module(module)
             setattr(parent, child, linear)
             swapped.append((parent, child, module))
-        yield codes
+        yield
     finally:
         for parent, child, module in swapped:
             setattr(parent, child, module)
-        for module in corrections:
-            module.correction_down.data = module.correction_down.data.to(CORRECTION_DTYPE)
-            module.correction_up.data = module.correction_up.data.to(CORRECTION_DTYPE)
 
 
 def map_stored(folder: Path, model_file: str, codes: dict[str, BlockQuant]) -> dict[str, Any]:

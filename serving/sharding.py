@@ -138,11 +138,11 @@ def slice_quantized_corrected(
     pname: str, tensor: Any, spec: dict[str, Any], column: bool, start: int, length: int
 ) -> Any:
     """One rank's part of a corrected quantized Linear's tensor: ``base.*`` as a quantized Linear,
-    the correction as a factor pair (``correction_up``'s rows in a column slot, ``correction_down``'s
-    input columns in a row slot; the other factor replicated)."""
+    the correction as a factor pair (``correction_up``'s rows, and an 8-bit pair's row scales with
+    them, in a column slot; ``correction_down``'s input columns in a row slot; the rest replicated)."""
     part, _, name = pname.partition(".")
     if part == "base":
         return slice_quantized(name, tensor, spec, column, start, length)
     if column:
-        return tensor.narrow(0, start, length) if pname == "correction_up" else tensor
+        return tensor.narrow(0, start, length) if pname in ("correction_up", "correction_up_scale") else tensor
     return tensor.narrow(1, start, length) if pname == "correction_down" else tensor

@@ -118,15 +118,12 @@ def use_vllm_kernels(modules: nn.ModuleList, act_dtype: torch.dtype) -> list[str
     from vllm.platforms import current_platform
 
     choice = kernel_choice()
+    for m in modules.modules():  # corrections run from an activation-dtype copy, built before vLLM compiles
+        if isinstance(m, CorrectedQuantizedLinear):
+            m.factors(act_dtype)
     if choice == "torch" or (choice == "auto" and current_platform.is_cpu()):
         # the format's own forward; its kernel copy built now, before vLLM compiles the model
-        kernels = set()
-        for m in modules.modules():
-            if isinstance(m, QuantizedLinear):
-                kernels.add(m.prepare(act_dtype))
-            elif isinstance(m, CorrectedQuantizedLinear):  # its pair's activation-dtype copy, too
-                m.factors(act_dtype)
-        return sorted(kernels)
+        return sorted({m.prepare(act_dtype) for m in modules.modules() if isinstance(m, QuantizedLinear)})
     used = []
     for parent in list(modules.modules()):
         for name, child in list(parent.named_children()):

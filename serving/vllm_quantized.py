@@ -59,7 +59,10 @@ class QuantizedLinearMethod(ShardModulesMethod):
             if spec["kind"] == LOWRANK_QUANTIZED:
                 modules.append(QuantizedLowRankLinear(*shape, spec["rank"], spec["bits"], spec["group"]))
             elif spec["kind"] == QUANTIZED_CORRECTED:
-                modules.append(CorrectedQuantizedLinear(*shape, spec["rank"], spec["bits"], spec["group"]))
+                factor_bits = spec.get("factor_bits", 16)
+                modules.append(
+                    CorrectedQuantizedLinear(*shape, spec["rank"], spec["bits"], spec["group"], factor_bits=factor_bits)
+                )
             else:
                 modules.append(QuantizedLinear(*shape, spec["bits"], spec["group"]))
         return modules

@@ -15,8 +15,8 @@ from conftest import make_tiny
 
 import eigenpatch
 from eigenpatch.cli import patch_model_main
-from eigenpatch.errors import EXIT_USAGE
-from eigenpatch.format.corrected import CorrectedQuantizedLinear
+from eigenpatch.errors import EXIT_USAGE, UsageError
+from eigenpatch.format.corrected import CorrectedQuantizedLinear, float_factors, round_rows
 from eigenpatch.format.quantized import QuantizedLinear
 from eigenpatch.patchers import Quantize
 from eigenpatch.patchers.quantize.correct import correction, remaining
@@ -88,6 +88,54 @@ def test_a_bf16_forward_casts_the_fp16_pair_once_and_again_only_when_it_changes(
     assert module.correction_up.grad is not None
 
 
+def test_an_8_bit_pair_stores_int8_rows_with_fp16_scales_and_costs_what_the_budget_counts():
+    w, _, _ = _problem()
+    base = quantize_rtn(w, 3, 32, fp16_scales=True).module()
+    up, down = torch.randn(96, 4), torch.randn(4, 128) / 7
+    module = CorrectedQuantizedLinear.from_parts(base, up, down, factor_bits=8)
+    assert module.correction_down.dtype == torch.int8 and module.correction_up_scale.shape == (96,)
+    assert module.correction_down.abs().amax(dim=1).eq(127).all()  # each row spans the int8 range
+    assert module.stored_bytes() == base.stored_bytes() + 4 * (96 + 128) + 2 * (4 + 96)
+    assert module.correction_bytes() == sum(t.numel() * t.element_size() for t in module.stored_tensors())
+    got_down, got_up = module.float_pair()
+    assert (got_down - down).abs().max() <= down.abs().amax() / 254 * 1.01  # half a step of the row's grid
+    assert (got_up - up).abs().max() <= up.abs().amax() / 254 * 1.01
+    x = torch.randn(3, 128)
+    expected = x @ (base.dequantized() + got_up @ got_down).T
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(module.dense_weight(), base.dequantized() + got_up @ got_down)
+    module.to(torch.bfloat16)  # a cast of the model keeps codes and scales
+    assert module.correction_up.dtype == torch.int8 and module.correction_up_scale.dtype == torch.float16
+    with torch.no_grad():
+        y = module(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and module.factors(torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+def test_float_factors_trains_in_fp32_rounds_back_and_puts_a_trace_back_bit_for_bit():
+    w, _, _ = _problem()
+    model = torch.nn.Sequential(
+        CorrectedQuantizedLinear.from_parts(
+            quantize_rtn(w, 2, 32).module(), torch.randn(96, 8), torch.randn(8, 128), factor_bits=8
+        )
+    )
+    module = model[0]
+    stored = [t.clone() for t in module.stored_tensors()]
+    objects = [id(t) for t in module.stored_tensors()]
+    with float_factors(model, trained=False) as found:
+        assert found == [module] and module.correction_down.dtype == torch.float32
+        assert module.correction_down_scale is None and module.correction_down.requires_grad
+    assert [id(t) for t in module.stored_tensors()] == objects  # a trace leaves the very tensors
+    with float_factors(model):  # untouched: rounding again gives the same bytes
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(stored, module.stored_tensors(), strict=True))
+    with float_factors(model):
+        module.correction_up.data.mul_(2)
+    assert module.correction_up.dtype == torch.int8
+    doubled = 2 * stored[1].float() * stored[3].float()[:, None]  # the trained pair, rounded per row again
+    assert torch.equal(module.correction_up_scale, round_rows(doubled)[1])
+    assert torch.equal(module.correction_up, stored[1])  # doubling a row doubles its scale, not its codes
+
+
 @pytest.fixture(scope="module")
 def corrected_tiny(tmp_path_factory, tiny_tokenizer):
     """A tiny Llama, GPTQ int2 (groups of 32) with and without rank-16 corrections; the first saved."""
@@ -134,8 +182,11 @@ def test_the_correction_brings_the_model_closer_to_dense_and_reloads_identically
         assert error(models[16]) < 0.8 * error(models[0]), (error(models[16]), error(models[0]))
         loaded = eigenpatch.load(out)
         assert isinstance(loaded.model.layers[0].mlp.down_proj.base, QuantizedLinear)
-        assert loaded.model.layers[0].mlp.down_proj.correction_up.dtype == torch.float16
+        down_proj = loaded.model.layers[0].mlp.down_proj
+        assert down_proj.correction_up.dtype == torch.int8 and down_proj.correction_up_scale.dtype == torch.float16
         torch.testing.assert_close(loaded(ids).logits, models[16](ids).logits, rtol=0, atol=0)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["version"] == 2  # int8 factors: a v1 reader would misread them, so it is refused
 
 
 def test_a_negative_correction_rank_gets_one_line_and_exit_2(tmp_path, capsys):
@@ -146,7 +197,7 @@ def test_a_negative_correction_rank_gets_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_block_local_refinement_lowers_each_layers_output_error(tiny_tokenizer):
-    """Adam on the corrections only (fp32 while it trains, fp16 after), against the dense layer's outputs."""
+    """Adam on the corrections only (fp32 while it trains, int8 rows after), against the dense layer's outputs."""
     from eigenpatch.zoo import resolve_text
 
     model = make_tiny("llama")
@@ -157,7 +208,9 @@ def test_block_local_refinement_lowers_each_layers_output_error(tiny_tokenizer):
     )
     assert report["steps"][0]["refine_error_ratio"] < 0.9  # measured 0.51
     assert all(
-        m.correction_up.dtype == torch.float16 for m in model.modules() if isinstance(m, CorrectedQuantizedLinear)
+        m.correction_up.dtype == torch.int8 and m.correction_down_scale is not None
+        for m in model.modules()
+        if isinstance(m, CorrectedQuantizedLinear)
     )
 
 
@@ -218,3 +271,27 @@ def test_a_killed_corrected_run_resumes_without_a_second_fisher_pass_to_the_same
     assert reference.keys() == resumed.keys() and any(k.endswith("correction_up") for k in reference)
     for name in reference:
         assert torch.equal(reference[name], resumed[name]), name
+
+
+def test_fp16_corrections_write_format_v1_and_an_old_recipe_reruns_with_them(tiny_tokenizer, tmp_path):
+    """``--correction-bits 16`` keeps what v1 readers load; a quantize entry written before
+    ``correction_bits`` existed (config version 1) replays with the fp16 factors it stored."""
+    from eigenpatch.zoo import resolve_text
+
+    model = make_tiny("llama")
+    config = Quantize(bits=2, group=32, correction_rank=4, correction_bits=16, calib_windows=2, calib_seq_len=32)
+    config.fisher_windows = 1
+    eigenpatch.patch(model, config, tokenizer=tiny_tokenizer, calib_text=resolve_text("news", "calib"),
+                     show_progress=False)  # fmt: skip
+    out = eigenpatch.save(model, tmp_path / "fp16", tokenizer=tiny_tokenizer)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["version"] == 1 and qconfig["recipe"][0]["version"] == 2
+    assert all(spec["factor_bits"] == 16 for spec in qconfig["layers"].values())
+    loaded = eigenpatch.load(out).model.layers[0].self_attn.q_proj
+    assert loaded.correction_up.dtype == torch.float16 and loaded.correction_up_scale is None
+
+    old = {k: v for k, v in Quantize(correction_rank=4).to_dict().items() if k != "correction_bits"}
+    assert eigenpatch.config_from_dict({**old, "version": 1}).correction_bits == 16
+    assert eigenpatch.config_from_dict(Quantize(correction_rank=4).to_dict()).correction_bits == 8
+    with pytest.raises(UsageError, match="--correction-bits 4"):
+        Quantize(correction_bits=4)

@@ -41,10 +41,10 @@ def test_only_factor_pairs_change_everything_else_is_byte_identical(tiny_tokeniz
     assert [p.requires_grad for p in model.parameters()] == flags  # restored afterwards
 
 
-def test_after_quantization_only_scales_and_corrections_train_and_stay_fp16(tiny_tokenizer, tmp_path):
+def test_after_quantization_only_scales_and_corrections_train_and_keep_their_stored_form(tiny_tokenizer, tmp_path):
     """Healing a quantized model trains each quantized Linear's scales and its correction factors
-    (in fp32, stored back in fp16); codes, zero points and everything else stay byte-identical, and
-    the healed checkpoint reloads to the same logits."""
+    (in fp32; stored back in fp16, the corrections as int8 rows with their row scales); codes, zero
+    points and everything else stay byte-identical, and the healed checkpoint reloads to the same logits."""
     from eigenpatch.format.quantized import QuantizedLinear
 
     model = make_tiny("llama")
@@ -56,11 +56,16 @@ def test_after_quantization_only_scales_and_corrections_train_and_stay_fp16(tiny
     trained = set(trainable_parameters(model))
     assert any(k.endswith("correction_up") for k in trained) and any(k.endswith(".scales") for k in trained)
     assert report["steps"][0]["trainable_params"] == sum(before[k].numel() for k in trained)
-    for name, tensor in model.state_dict().items():
+    pairs = {k for k in trained if k.endswith(("correction_down", "correction_up"))}
+    assert all(before[k].dtype == torch.int8 for k in pairs)
+    after = model.state_dict()
+    for k in pairs:  # an int8 factor is stored back as codes and row scales: one of the two moves
+        assert not (torch.equal(after[k], before[k]) and torch.equal(after[f"{k}_scale"], before[f"{k}_scale"])), k
+    for name, tensor in after.items():
         assert tensor.dtype == before[name].dtype, name
-        if name in trained:
+        if name in trained - pairs:
             assert not torch.equal(tensor, before[name]), f"{name} did not train"
-        else:
+        elif name.removesuffix("_scale") not in pairs:
             assert torch.equal(tensor, before[name]), f"{name} changed but is not trainable"
     assert all(not m.scales.requires_grad for m in model.modules() if isinstance(m, QuantizedLinear))
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])

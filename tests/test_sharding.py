@@ -150,22 +150,25 @@ def test_quantized_factor_pair_shards_recombine_to_the_full_output(tp):
     torch.testing.assert_close(partial, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("factor_bits", [8, 16])
 @pytest.mark.parametrize("tp", [2, 4])
-def test_corrected_quantized_shards_recombine_to_the_full_output(tp):
-    """The base is sliced as a quantized Linear, the fp16 correction as a factor pair."""
+def test_corrected_quantized_shards_recombine_to_the_full_output(tp, factor_bits):
+    """The base is sliced as a quantized Linear, the correction as a factor pair (an int8 pair's
+    ``correction_up`` row scales with its rows, ``correction_down``'s whole on every rank)."""
     from eigenpatch.format.corrected import CorrectedQuantizedLinear
     from eigenpatch.quantizer import quantize_rtn
     from eigenpatch.serving.sharding import slice_quantized_corrected
 
     out, inp, rank, group = 64, 128, 8, 16
     base = quantize_rtn(torch.randn(out, inp), 2, group, fp16_scales=True).module()
-    full = CorrectedQuantizedLinear.from_parts(base, torch.randn(out, rank), torch.randn(rank, inp))
+    full = CorrectedQuantizedLinear.from_parts(base, torch.randn(out, rank), torch.randn(rank, inp), None, factor_bits)
     spec, stored = full.spec(), {n: p.data for n, p in full.named_parameters()}
     x = torch.randn(3, inp)
     expected = full(x)
 
     def local(column: bool, start: int, length: int) -> CorrectedQuantizedLinear:
-        module = CorrectedQuantizedLinear(*((inp, length) if column else (length, out)), rank, 2, group)
+        shape = (inp, length) if column else (length, out)
+        module = CorrectedQuantizedLinear(*shape, rank, 2, group, factor_bits=factor_bits)
         for name, tensor in stored.items():
             module.get_parameter(name).data = slice_quantized_corrected(name, tensor, spec, column, start, length)
         return module

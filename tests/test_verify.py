@@ -60,7 +60,7 @@ DAMAGE = {
     "missing codes of a quantized factor": (lambda w: _drop(w, PAIR_CODES), None, PAIR_CODES),
     "misshapen codes": (lambda w: _narrow(w, CODES), None, CODES),
     "missing correction": (lambda w: _drop(w, CORRECTION), None, CORRECTION),
-    "nan correction": (lambda w: _nan(w, CORRECTION), None, CORRECTION),
+    "nan correction scale": (lambda w: _nan(w, CORRECTION + "_scale"), None, CORRECTION + "_scale"),
     "missing codes of a corrected Linear": (lambda w: _drop(w, CORRECTED_CODES), None, CORRECTED_CODES),
     "nan scale": (lambda w: _nan(w, SCALES), None, SCALES),
     "unstorable bit width": (None, _five_bits, QLAYER),

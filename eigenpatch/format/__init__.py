@@ -21,8 +21,10 @@ from __future__ import annotations
 
 #: ``config.json["quantization_config"]["quant_method"]``: the door transformers and vLLM open.
 QUANT_METHOD = "eigenpatch"
-#: The newest ``quantization_config.version`` this code reads (and the one it writes).
-FORMAT_VERSION = 1
+#: The newest ``quantization_config.version`` this code reads. A checkpoint is written with the
+#: oldest version that describes it: 2 only where a ``quantized_corrected`` layer stores its
+#: correction at ``factor_bits`` 8 (int8 codes a v1 reader would misread), else 1.
+FORMAT_VERSION = 2
 #: Written next to the weights: parameter counts, bytes, timings of the run that made the folder.
 REPORT_FILE = "eigenpatch_report.json"
 
@@ -74,6 +76,7 @@ TENSORS: dict[str, tuple[str, ...]] = {
     QUANTIZED: ("qweight", "scales", "zeros"),
     LOWRANK_QUANTIZED: tuple(f"{f}.{t}" for f in (DOWN_NAME, UP_NAME) for t in ("qweight", "scales", "zeros")),
     QUANTIZED_CORRECTED: ("correction_down", "correction_up", "base.qweight", "base.scales", "base.zeros"),
+    # at ``factor_bits`` 8 also ``correction_down_scale`` and ``correction_up_scale`` (fp16 row scales)
     PROJECT: ("center", "basis_in", "basis_out"),
     SHIFT: ("vector",),
     SNAP: (),  # reads the model's own embedding table

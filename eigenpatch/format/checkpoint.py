@@ -127,6 +127,13 @@ def layer_spec(module: nn.Module) -> dict[str, Any] | None:
     }
 
 
+def written_version(layers: dict[str, dict[str, Any]]) -> int:
+    """The oldest format version that describes ``layers``: 2 where a correction pair is stored at
+    8 bits (a v1 reader would take its int8 codes for fp16 factors), else 1, which every reader
+    since v1 loads."""
+    return 2 if any(spec.get("factor_bits", 16) != 16 for spec in layers.values()) else 1
+
+
 def format_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{module name: spec}`` for each module the format stores; the parts of a stored module (the
     factors of a quantized pair) are its own, not layers of their own."""
@@ -182,7 +189,9 @@ def quantized_from_spec(name: str, spec: dict[str, Any], kw: dict[str, Any]) -> 
         if spec["kind"] == LOWRANK_QUANTIZED:
             return QuantizedLowRankLinear(*shape, spec["rank"], spec["bits"], spec["group"], spec["bias"], **kw)
         if spec["kind"] == QUANTIZED_CORRECTED:
-            return CorrectedQuantizedLinear(*shape, spec["rank"], spec["bits"], spec["group"], spec["bias"], **kw)
+            factor_bits = spec.get("factor_bits", 16)  # v1 checkpoints: fp16 factors
+            args = (*shape, spec["rank"], spec["bits"], spec["group"], spec["bias"])
+            return CorrectedQuantizedLinear(*args, factor_bits=factor_bits, **kw)
         return QuantizedLinear(*shape, spec["bits"], spec["group"], spec["bias"], **kw)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
@@ -252,7 +261,11 @@ def attach_format(model: PreTrainedModel, recipe: list[dict[str, Any]], base_mod
         recipe = list(prev.get("recipe", [])) + list(recipe)
         base_model = prev.get("base_model") or base_model
     qconfig = EigenpatchConfig(
-        layers=layers, recipe=recipe, base_model=base_model, interventions=intervention_specs(model)
+        layers=layers,
+        recipe=recipe,
+        base_model=base_model,
+        version=written_version(layers),
+        interventions=intervention_specs(model),
     )
     model.config.quantization_config = qconfig
     model.hf_quantizer = EigenpatchHfQuantizer(qconfig, pre_quantized=True)

@@ -11,7 +11,8 @@ byte. This is end-to-end training of the quantization step sizes (EfficientQAT's
 the block-local refinement of the quantize step matches each layer to the dense one on its own,
 healing matches the whole model's output distribution. The scales train in fp32 with a step of
 ``scale_lr`` times each tensor's mean magnitude (a scale of 0.1 and one of 0.01 move by the same
-fraction) and are stored back in fp16; the correction factors train with ``lr``, like factor pairs.
+fraction) and are stored back in fp16; the correction factors train in fp32 with ``lr``, like factor
+pairs, and are stored back at their ``factor_bits`` (int8 rows or fp16).
 
 Loss: knowledge distillation from the uncompressed teacher (forward KL on the full vocabulary at
 ``temperature``, the teacher run on the fly — :func:`eigenpatch.patch` keeps a frozen copy when a
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 
 from eigenpatch.calibration import calibration_windows
 from eigenpatch.errors import UsageError
-from eigenpatch.format.corrected import CorrectedQuantizedLinear
+from eigenpatch.format.corrected import CorrectedQuantizedLinear, float_factors
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.format.quantized import QuantizedLinear
 from eigenpatch.format.structured import StructuredLinear, set_premerge
@@ -166,6 +167,11 @@ def apply_heal(model: nn.Module, config: Heal, context: PatchContext) -> Transfo
         raise UsageError("heal trains on text: it needs calibration text and a tokenizer")
     if config.loss == "kd" and context.teacher is None:
         raise UsageError("heal with loss 'kd' needs the uncompressed teacher; run it through eigenpatch.patch")
+    with float_factors(model):  # correction pairs train as fp32 factors, stored back (int8 rows or fp16) after
+        return _heal(model, config, context)
+
+
+def _heal(model: nn.Module, config: Heal, context: PatchContext) -> TransformResult:
     params = trainable_parameters(model, config.trainable)
     if not params:
         raise UsageError(

@@ -1,7 +1,8 @@
 """``--budget B``: each matrix's bit width and correction rank, chosen by estimated loss per byte.
 
 A budget of ``B`` bits per targeted weight buys ``B * sum(out * in) / 8`` bytes, counting all the
-weights cost: codes, fp16 scales, zero points and fp16 correction factors. Each *unit* (the
+weights cost: codes, fp16 scales, zero points and correction factors (int8 rows with fp16 row
+scales by default: :func:`~eigenpatch.format.corrected.pair_bytes`). Each *unit* (the
 Linears of one decoder layer that read one input: q/k/v, gate/up, o, down) picks one option
 ``(bits, group, rank)`` from a ladder: the widths ``--budget-widths`` and the correction ranks
 ``--budget-ranks``. A unit shares its option because its Linears share one Gram and, in vLLM,
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eigenpatch.errors import UsageError
-from eigenpatch.format.corrected import CORRECTION_DTYPE
+from eigenpatch.format.corrected import pair_bytes
 from eigenpatch.format.quantized import BITS, quantized_bytes
 
 #: Widths of the default ladder, ``bits:group``: 2 bits needs groups of 32 to be usable, at 3 bits and
@@ -52,11 +53,13 @@ BUDGET_RANGE = (2.0, 16.0)
 
 @dataclass(frozen=True, order=True)
 class Option:
-    """One choice for a unit: ``bits``-bit codes in groups of ``group``, rank-``rank`` corrections."""
+    """One choice for a unit: ``bits``-bit codes in groups of ``group``, rank-``rank`` corrections
+    stored at ``factor_bits``."""
 
     bits: int
     group: int
     rank: int = 0
+    factor_bits: int = 16
 
     def bytes(self, shapes: list[tuple[int, int]], corrected: list[bool]) -> int:
         """Stored bytes of a unit of ``[out, in]`` Linears (``corrected``: which take the rank)."""
@@ -64,7 +67,7 @@ class Option:
         for (out, inp), takes in zip(shapes, corrected, strict=True):
             total += quantized_bytes(out, inp, self.bits, self.group)
             if takes and self.rank:
-                total += min(self.rank, out, inp) * (out + inp) * CORRECTION_DTYPE.itemsize
+                total += pair_bytes(out, inp, min(self.rank, out, inp), self.factor_bits)
         return total
 
     def label(self) -> str:

@@ -62,8 +62,15 @@ class QuantizePiece(CliPiece):
             default=0,
             metavar="RANK",
             help="add to each quantized Linear a rank-RANK correction of its rounding error, fitted on the "
-            "propagated inputs and weighted by the output Fisher, then refined (--refine-steps), stored in fp16 "
-            "(default: none)",
+            "propagated inputs and weighted by the output Fisher, then refined (--refine-steps) (default: none)",
+        )
+        g.add_argument(
+            "--correction-bits",
+            type=int,
+            choices=(8, 16),
+            default=8,
+            help="store correction factors as int8 rows with an fp16 scale each (8: half the bytes, the rounding "
+            "measured free) or as fp16 (16: what eigenpatch before format v2 reads) (default: %(default)s)",
         )
         g.add_argument(
             "--refine-scales",
@@ -191,6 +198,7 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "method": args.quantizer,
         "symmetric": args.symmetric,
+        "correction_bits": args.correction_bits,
         "fisher_windows": args.fisher_windows,
         "targets": tuple(args.quantize_targets),
         "calib_windows": args.calib_windows,

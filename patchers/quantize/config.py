@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from eigenpatch.errors import UsageError
+from eigenpatch.format.corrected import FACTOR_BITS, pair_bytes
 from eigenpatch.format.quantized import BITS
 from eigenpatch.patchers.quantize.budget import DEFAULT_RANKS, DEFAULT_WIDTHS, Option, check_budget, parse_width
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
@@ -41,6 +43,8 @@ class Quantize(TransformConfig):
     """
 
     name = "quantize"
+    #: 2: ``correction_bits`` (default 8); a version-1 entry stored its corrections in fp16.
+    version = 2
     out_of_core = True
     bits: int = 4
     group: int = DEFAULT_GROUP
@@ -50,8 +54,12 @@ class Quantize(TransformConfig):
     act_order: bool = True
     targets: tuple[str, ...] = DEFAULT_TARGETS
     #: Rank of a low-rank correction of each dense Linear's rounding error (0: none), fitted in
-    #: the whitened input space of the propagated inputs (``correct.py``) and stored in fp16.
+    #: the whitened input space of the propagated inputs (``correct.py``).
     correction_rank: int = 0
+    #: The correction factors' storage: 8 (int8 rows, one fp16 scale per row) or 16 (fp16). 8 by
+    #: default: the rounding measured free, so at equal bytes it buys twice the rank
+    #: (``bench/correction_bits.py``). 16 writes what format v1 readers load.
+    correction_bits: int = 8
     #: Weight the correction by the output Fisher (one backward pass over ``fisher_windows``
     #: windows) so it spends its rank where the loss is sensitive, not only where outputs move.
     correction_fisher: bool = True
@@ -78,6 +86,8 @@ class Quantize(TransformConfig):
         check_bits_and_group(self.bits, self.group)
         if self.method not in METHODS:
             raise UsageError(f"unknown quantizer {self.method!r}; known: {', '.join(METHODS)}")
+        if self.correction_bits not in FACTOR_BITS:
+            raise UsageError(f"--correction-bits {self.correction_bits}: choose 8 or 16")
         if self.correction_rank < 0:
             raise UsageError(f"--correct {self.correction_rank}: a correction rank is 0 (none) or positive")
         self.targets = tuple(self.targets)
@@ -90,12 +100,20 @@ class Quantize(TransformConfig):
             if self.correction_rank:
                 raise UsageError("--correct with --budget: the budget chooses each matrix's correction rank itself")
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformConfig:
+        """A version-1 entry (before ``correction_bits``) re-runs as it ran: fp16 corrections."""
+        if data.get("version", 1) < 2:
+            data = {**data, "correction_bits": 16}
+        return super().from_dict(data)
+
     def budget_options(self) -> list[Option]:
         """The ladder ``--budget`` chooses from: every width with every rank (8-bit codes need no correction)."""
         if not self.budget_ranks or any(r < 0 for r in self.budget_ranks):
             raise UsageError(f"--budget-ranks {' '.join(map(str, self.budget_ranks))}: give ranks of 0 or more")
         widths = sorted({parse_width(w) for w in self.budget_widths})
-        return [Option(b, g, r) for b, g in widths for r in sorted(set(self.budget_ranks)) if b < 8 or r == 0]
+        ranks = sorted(set(self.budget_ranks))
+        return [Option(b, g, r, self.correction_bits) for b, g in widths for r in ranks if b < 8 or r == 0]
 
     def corrects(self, name: str) -> bool:
         """Whether Linear ``name`` (any dotted name; its last component decides) takes a correction."""
@@ -126,7 +144,7 @@ class Quantize(TransformConfig):
         factors = cls(group=32, targets=("o_proj",), **short)
         qkv = ("q_proj", "k_proj", "v_proj")
         linears = [(n.rpartition(".")[2], *m.weight.shape) for n, m in model.named_modules() if n.endswith(qkv)]
-        corrections = sum(8 * (o + i) * 2 for n, o, i in linears if n != "v_proj")
+        corrections = sum(pair_bytes(o, i, 8, cls.correction_bits) for n, o, i in linears if n != "v_proj")
         cost = {b: sum(quantized_bytes(o, i, b, 32) for _, o, i in linears) + corrections for b in (2, 4)}
         middle = 8 * (cost[2] + cost[4]) / 2 / sum(o * i for _, o, i in linears)  # one of two layers at int4
         budget = cls(

@@ -41,7 +41,7 @@ from eigenpatch.engine import (
     refine_parameters,
 )
 from eigenpatch.errors import UsageError
-from eigenpatch.format.corrected import CORRECTION_DTYPE, CorrectedQuantizedLinear
+from eigenpatch.format.corrected import CorrectedQuantizedLinear, float_factors
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, quantized_bytes, widening_bytes
 from eigenpatch.patchers.lowrank.factorize import output_weighting, whitening
@@ -86,7 +86,8 @@ class QuantizeLayers(LayerTransform):
             self._check_budget(model, prefixes)
             # Scores reused by budgets of one base model that share a context cache (the benchmarks).
             c = config
-            scoring = (c.method, c.symmetric, c.act_order, c.budget_widths, c.budget_ranks, c.correction_targets)
+            ladder = (c.budget_widths, c.budget_ranks, c.correction_bits)
+            scoring = (c.method, c.symmetric, c.act_order, ladder, c.correction_targets)
             data = (c.calib_windows, c.calib_seq_len, c.fisher_windows, c.seed, sorted(self.inside.items()))
             self._cache_key = repr(("quantize-budget", scoring, data))
             if self._cache_key in context.cache:
@@ -135,7 +136,7 @@ class QuantizeLayers(LayerTransform):
             self.context.cache[self._cache_key] = (self.units, self.out_scales)
             self._allocate()
         if self.options:
-            meta["options"] = {n: [o.bits, o.group, o.rank] for n, o in self.options.items()}
+            meta["options"] = {n: [o.bits, o.group, o.rank, o.factor_bits] for n, o in self.options.items()}
             meta["budget"] = self.plan_summary
         return Plan(meta, dict(self.out_scales))
 
@@ -238,37 +239,36 @@ class QuantizeLayers(LayerTransform):
 
     def _refine(self, step: LayerStep) -> dict[str, float] | None:
         """Block-local refinement of the layer's corrections and, with ``refine_scales``, of its
-        quantized Linears' scales (codes and zero points fixed): in fp32, stored back in fp16."""
-        corrected = [m for m in step.layer.modules() if isinstance(m, CorrectedQuantizedLinear)]
-        params = [p for m in corrected for p in (m.correction_down, m.correction_up)]
+        quantized Linears' scales (codes and zero points fixed): in fp32, then stored back (the
+        corrections at ``correction_bits``, the scales in fp16)."""
         scales = []
         if self.config.refine_scales:
             scales = [m.scales for m in step.layer.modules() if isinstance(m, QuantizedLinear)]
-        if not params and not scales:
-            return None
-        for p in (*params, *scales):
-            p.data = p.data.float()
-        try:
-            return refine_parameters(step, params, self.config.refine_steps, self.config.refine_lr, scaled=scales)
-        finally:
-            for p in params:
-                p.data = p.data.to(CORRECTION_DTYPE)
+        with float_factors(step.layer) as corrected:
+            params = [p for m in corrected for p in (m.correction_down, m.correction_up)]
+            if not params and not scales:
+                return None
             for p in scales:
-                p.data = p.data.to(torch.float16)
+                p.data = p.data.float()
+            try:
+                return refine_parameters(step, params, self.config.refine_steps, self.config.refine_lr, scaled=scales)
+            finally:
+                for p in scales:
+                    p.data = p.data.to(torch.float16)
 
     def _round_dense(
         self, weight: torch.Tensor, gram: torch.Tensor | None, bias: torch.Tensor | None, full_name: str
     ) -> nn.Module:
         """A dense Linear's codes, and with ``correction_rank`` its correction (:mod:`.correct`)."""
         c = self.config
-        option = self.options.get(full_name, Option(c.bits, c.group, c.correction_rank))
+        option = self.options.get(full_name, Option(c.bits, c.group, c.correction_rank, c.correction_bits))
         rounded = self._round(weight, gram, option.bits, option.group)
         rank = option.rank if c.corrects(full_name) else 0
         if not rank:
             return rounded.module(bias)
         error = weight.detach().float() - torch.from_numpy(rounded.dequantize())
         up, down = correction(error, rank, gram, self.out_scales.get(full_name))
-        return CorrectedQuantizedLinear.from_parts(rounded.module(), up, down, bias)
+        return CorrectedQuantizedLinear.from_parts(rounded.module(), up, down, bias, option.factor_bits)
 
     def _round_pair(
         self, pair: LowRankLinear, gram: torch.Tensor | None, bias: torch.Tensor | None, refit: bool = True
