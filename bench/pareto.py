@@ -50,7 +50,7 @@ from eigenpatch.patchers import Heal, LowRank
 from eigenpatch.table import format_table
 from eigenpatch.zoo import resolve_text
 
-POINTS = (  # the acceptance points first: a run stopped early keeps what the issue gates on
+POINTS = (  # the acceptance points first, then one of each series: a run stopped early keeps what it needs
     "rtn:4:64",
     "gptq:4:64",
     "rtn:3:64",
@@ -60,21 +60,21 @@ POINTS = (  # the acceptance points first: a run stopped early keeps what the is
     "gptq:b3.25:refine0+heal300",
     "gptq:b2.5:refine0+heal300",
     "gptq:b4.25:refine0+heal300",
-    "gptq:3:64+heal300",
-    "gptq:b4.5",
-    "gptq:b4.25",
-    "gptq:b4",
-    "gptq:b3.25",
-    "gptq:b3",
-    "gptq:b2.5",
     "rtn:8:64",
+    "gptq:3:64:r16",
+    "c0.5",
+    "gptq:b3.25",
+    "gptq:b2.5",
+    "c0.5+gptq:4:64",
+    "gptq:b4.5",
+    "gptq:b4",
+    "gptq:b3",
+    "gptq:b4.25",
     "gptq:8:64",
+    "gptq:3:64+heal300",
     "rtn:2:32",
     "gptq:2:32",
-    "gptq:3:64:r16",
     "gptq:2:32:r16",
-    "c0.5",
-    "c0.5+gptq:4:64",
 )
 #: Plot series: (label, marker) by the kind of point.
 SERIES = {
