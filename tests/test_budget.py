@@ -120,6 +120,8 @@ def test_the_budgeted_checkpoint_reloads_with_identical_logits(budgeted):
         (["--budget", "3", "--compress", "0.3"], "--budget after"),
         (["--budget", "3", "--budget-widths", "5:64"], "--budget-widths 5:64"),
         (["--budget", "3", "--budget-ranks", "-8"], "--budget-ranks"),
+        (["--budget", "3", "--budget-pairs", "4:64@2"], "--budget-pairs '4:64@2'"),
+        (["--budget", "3", "--budget-pairs", "5:64@0.5"], "--budget-pairs 5:64"),
     ],
 )
 def test_bad_budgets_get_one_line_and_exit_2_before_loading(flags, says, tmp_path, capsys):
@@ -250,3 +252,60 @@ def test_budgets_of_one_model_share_its_scores(tiny_tokenizer):
         passes.append(set(report["engine"]["passes"]))
     assert passes == [{"fisher + scores", "fit"}, {"fit"}]
     assert plans[1]["plan"]["bits_per_weight"] <= 3.0 < plans[0]["plan"]["bits_per_weight"] <= 4.0
+
+
+def test_pair_ranks_fill_whole_groups_and_a_pair_costs_what_its_module_stores():
+    from eigenpatch.format.quantized import QuantizedLowRankLinear
+    from eigenpatch.patchers.quantize.budget import pair_rank, parse_pair
+    from eigenpatch.quantizer import quantize_rtn
+
+    assert pair_rank(1536, 576, 0.5, 64) == 192  # SmolLM2's MLP: half of 418.9, down to whole groups
+    assert pair_rank(576, 576, 0.25, 64) == 64
+    assert pair_rank(256, 128, 0.1, 32) == 32  # at least one group
+    assert pair_rank(16, 128, 0.5, 32) == 0  # narrower than a group: no pair
+    option = parse_pair("4:32@0.5", factor_bits=8)
+    assert (option.bits, option.group, option.pair) == (4, 32, 0.5)
+    r = pair_rank(256, 128, 0.5, 32)
+    module = QuantizedLowRankLinear.from_factors(
+        quantize_rtn(torch.randn(r, 128), 4, 32).module(), quantize_rtn(torch.randn(256, r), 4, 32).module()
+    )
+    assert option.bytes([(256, 128)], [True]) == module.stored_bytes()
+    with pytest.raises(UsageError, match="BITS:GROUP@F"):
+        parse_pair("4:32@1.5")
+
+
+def test_the_budget_replaces_a_low_rank_unit_by_quantized_pairs_and_nothing_else(tiny_tokenizer, tmp_path):
+    """Layer 0's gate and up are exactly rank 8: an int4 pair at half the break-even rank holds them
+    almost exactly for less than int2 codes cost, so the plan takes it there, and only there."""
+    from eigenpatch.format.quantized import QuantizedLowRankLinear
+    from eigenpatch.quantizer import quantize_rtn
+    from eigenpatch.zoo import resolve_text
+
+    model = make_tiny("llama")
+    mlp = model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            low = torch.randn(256, 8, generator=g) @ torch.randn(8, 128, generator=g)
+            linear.weight.copy_(low * linear.weight.norm() / low.norm())
+    dense = {n: model.get_submodule(f"model.layers.0.mlp.{n}").weight.clone() for n in ("gate_proj", "up_proj")}
+    ladder = {"budget_widths": ("2:32", "4:32"), "budget_ranks": (0,), "budget_pairs": ("4:32@0.5",)}
+    config = Quantize(budget=3.0, calib_windows=8, calib_seq_len=64, fisher_windows=4, **ladder)
+    report = eigenpatch.patch(
+        model, config, tokenizer=tiny_tokenizer, calib_text=resolve_text("news", "calib"), show_progress=False
+    )
+    step = report["steps"][0]
+    assert step["plan"]["matrices_per_width"].get("int4 g32 pairs@0.5") == 2, step["plan"]
+    assert step["bytes_after"] == step["plan"]["bytes"]  # the plan's bytes are what the modules store
+    pairs = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLowRankLinear)}
+    assert sorted(pairs) == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    for name, module in pairs.items():  # closer to the weight than the int2 codes it costs less than
+        w = dense[name.rpartition(".")[2]]
+        int2 = torch.from_numpy(quantize_rtn(w, 2, 32).dequantize())
+        assert module.rank == 32 and (module.dense_weight() - w).norm() < 0.5 * (int2 - w).norm()
+    out = eigenpatch.save(model, tmp_path / "pairs", tokenizer=tiny_tokenizer, report=report)
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert layers["model.layers.0.mlp.gate_proj"]["kind"] == "lowrank_quantized"
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(eigenpatch.load(out)(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -4,9 +4,18 @@ A budget of ``B`` bits per targeted weight buys ``B * sum(out * in) / 8`` bytes,
 weights cost: codes, fp16 scales, zero points and correction factors (int8 rows with fp16 row
 scales by default: :func:`~eigenpatch.format.corrected.pair_bytes`). Each *unit* (the
 Linears of one decoder layer that read one input: q/k/v, gate/up, o, down) picks one option
-``(bits, group, rank)`` from a ladder: the widths ``--budget-widths`` and the correction ranks
-``--budget-ranks``. A unit shares its option because its Linears share one Gram and, in vLLM,
-one fused GEMM whose codes must have one width.
+``(bits, group, rank)`` from a ladder: the widths ``--budget-widths`` with the correction ranks
+``--budget-ranks``, and the low-rank replacements ``--budget-pairs``. A unit shares its option
+because its Linears share one Gram and, in vLLM, one fused GEMM whose codes must have one width.
+
+**Low-rank replacement.** ``BITS:GROUP@F`` replaces each Linear of the unit by a factor pair
+``up (down x)`` of rank ``F`` times the break-even rank ``out in / (out + in)`` (where a pair costs
+what the matrix does at the same width), rounded down to whole groups, both factors quantized at
+``BITS:GROUP`` (kind ``lowrank_quantized``). It wins where a matrix's whitened, Fisher-weighted
+spectrum decays fast enough that the truncation loses less than fewer bits would. Its estimate is
+measured, not derived: the pair is built as the fit builds it (the ``fwhiten`` factorization of
+``C W R``, ``down`` rounded by GPTQ, ``up`` refitted and rounded, :mod:`.layers`) and
+``dL = 1/2 ||C (W - up down) R||_F^2`` computed on the result.
 
 **The estimate.** Rounding ``W`` to ``Q`` and correcting with a rank-``k`` pair ``U V`` moves the
 Linear's outputs by ``D = W - Q - U V`` times its input. To second order, with the output Fisher
@@ -34,6 +43,7 @@ estimate against measured loss increases on SmolLM2 and the allocation against e
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +57,12 @@ from eigenpatch.format.quantized import BITS, quantized_bytes
 DEFAULT_WIDTHS = ("2:64", "2:32", "3:64", "4:64", "8:64")
 #: Correction ranks of the default ladder (0: none).
 DEFAULT_RANKS = (0, 8, 16, 32)
+#: Low-rank replacements of the default ladder, ``BITS:GROUP@F`` (module docstring): int4 pairs at a
+#: quarter and at half of the break-even rank (as cheap as int1 and int2 codes of the whole matrix).
+DEFAULT_PAIRS = ("4:64@0.25", "4:64@0.5")
+#: A pair's rank is a whole number of these rows and of the group: ``up``'s inputs fill whole groups
+#: and ``down``'s outputs whole tiles of the int4 kernel (the rule ``--compress R --bits N`` follows).
+PAIR_RANK_ROWS = 16
 #: Budgets a user may ask for, in bits per weight: below 2 no option exists, above 16 is not a saving.
 BUDGET_RANGE = (2.0, 16.0)
 
@@ -54,34 +70,64 @@ BUDGET_RANGE = (2.0, 16.0)
 @dataclass(frozen=True, order=True)
 class Option:
     """One choice for a unit: ``bits``-bit codes in groups of ``group``, rank-``rank`` corrections
-    stored at ``factor_bits``."""
+    stored at ``factor_bits``; or, with ``pair``, a factor pair at that fraction of the break-even
+    rank, both factors at ``bits``/``group`` (module docstring)."""
 
     bits: int
     group: int
     rank: int = 0
     factor_bits: int = 16
+    pair: float = 0.0
 
     def bytes(self, shapes: list[tuple[int, int]], corrected: list[bool]) -> int:
         """Stored bytes of a unit of ``[out, in]`` Linears (``corrected``: which take the rank)."""
         total = 0
         for (out, inp), takes in zip(shapes, corrected, strict=True):
+            if self.pair:
+                r = pair_rank(out, inp, self.pair, self.group)
+                total += quantized_bytes(r, inp, self.bits, self.group) + quantized_bytes(out, r, self.bits, self.group)
+                continue
             total += quantized_bytes(out, inp, self.bits, self.group)
             if takes and self.rank:
                 total += pair_bytes(out, inp, min(self.rank, out, inp), self.factor_bits)
         return total
 
     def label(self) -> str:
+        if self.pair:
+            return f"int{self.bits} g{self.group} pairs@{self.pair:g}"
         return f"int{self.bits} g{self.group}" + (f" r{self.rank}" if self.rank else "")
 
 
-def parse_width(text: str) -> tuple[int, int]:
+def pair_rank(out_features: int, in_features: int, fraction: float, group: int) -> int:
+    """The rank of a replacement pair: ``fraction`` of ``out in / (out + in)``, rounded down to whole
+    groups (at least one, at most the matrix's own rank); 0 where not even one fits."""
+    multiple = math.lcm(group, PAIR_RANK_ROWS)
+    most = min(out_features, in_features) // multiple * multiple
+    wanted = int(fraction * out_features * in_features / (out_features + in_features)) // multiple * multiple
+    return min(max(wanted, multiple), most)
+
+
+def parse_pair(text: str, factor_bits: int = 16) -> Option:
+    """``"4:64@0.25"`` -> the replacement option, with one line for a malformed one."""
+    width, _, fraction = text.partition("@")
+    try:
+        f = float(fraction)
+    except ValueError:
+        f = -1.0
+    if not 0 < f < 1:
+        raise UsageError(f"--budget-pairs {text!r}: write BITS:GROUP@F with 0 < F < 1, for example 4:64@0.25")
+    bits, group = parse_width(width, flag="--budget-pairs")
+    return Option(bits, group, 0, factor_bits, f)
+
+
+def parse_width(text: str, flag: str = "--budget-widths") -> tuple[int, int]:
     """``"3:64"`` -> ``(3, 64)``, with one line for a width or group the format cannot store."""
     try:
         bits, group = (int(v) for v in text.split(":"))
     except ValueError:
-        raise UsageError(f"--budget-widths {text!r}: write BITS:GROUP, for example 3:64") from None
+        raise UsageError(f"{flag} {text!r}: write BITS:GROUP, for example 3:64") from None
     if bits not in BITS or group < 16 or group & (group - 1):
-        raise UsageError(f"--budget-widths {text}: bits from {', '.join(map(str, BITS))}, group a power of two >= 16")
+        raise UsageError(f"{flag} {text}: bits from {', '.join(map(str, BITS))}, group a power of two >= 16")
     return bits, group
 
 
@@ -197,7 +243,7 @@ def describe(units: list[Unit], plan: Allocation) -> dict:
     widths: dict[str, int] = {}
     ranks: list[int] = []
     for unit, option in zip(units, plan.choice, strict=True):
-        key = f"int{option.bits} g{option.group}"
+        key = option.label() if option.pair else f"int{option.bits} g{option.group}"
         widths[key] = widths.get(key, 0) + len(unit.names)
         ranks += [option.rank if takes else 0 for takes in unit.corrected]
     weights = sum(u.weights() for u in units)

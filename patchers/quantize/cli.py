@@ -30,7 +30,7 @@ class QuantizePiece(CliPiece):
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from eigenpatch.patchers.quantize.budget import DEFAULT_RANKS, DEFAULT_WIDTHS
+        from eigenpatch.patchers.quantize.budget import DEFAULT_PAIRS, DEFAULT_RANKS, DEFAULT_WIDTHS
         from eigenpatch.patchers.quantize.config import DEFAULT_GROUP, METHODS
 
         g = parser.add_argument_group("weight-only quantization (group-wise int codes, scales and zero points)")
@@ -102,6 +102,14 @@ class QuantizePiece(CliPiece):
             help="correction ranks --budget chooses from, 0 included (default: %(default)s)",
         )
         g.add_argument(
+            "--budget-pairs",
+            nargs="*",
+            default=list(DEFAULT_PAIRS),
+            metavar="BITS:GROUP@F",
+            help="low-rank replacements --budget chooses from: a factor pair at F of the rank where it costs "
+            "what the matrix does, both factors at BITS:GROUP; none without values (default: %(default)s)",
+        )
+        g.add_argument(
             "--quantize-targets",
             nargs="+",
             default=list(DEFAULT_TARGETS),
@@ -147,6 +155,7 @@ class QuantizePiece(CliPiece):
             budget=args.budget,
             budget_widths=tuple(args.budget_widths),
             budget_ranks=tuple(args.budget_ranks),
+            budget_pairs=tuple(args.budget_pairs),
             correction_rank=args.correct,  # refused with a budget, by the config, in one line
             refine_steps=args.refine_steps,
             refine_scales=args.refine_steps > 0,

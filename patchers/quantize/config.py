@@ -12,7 +12,15 @@ from eigenpatch.calibration import DEFAULT_FISHER_WINDOWS, DEFAULT_SEED, DEFAULT
 from eigenpatch.errors import UsageError
 from eigenpatch.format.corrected import FACTOR_BITS, pair_bytes
 from eigenpatch.format.quantized import BITS
-from eigenpatch.patchers.quantize.budget import DEFAULT_RANKS, DEFAULT_WIDTHS, Option, check_budget, parse_width
+from eigenpatch.patchers.quantize.budget import (
+    DEFAULT_PAIRS,
+    DEFAULT_RANKS,
+    DEFAULT_WIDTHS,
+    Option,
+    check_budget,
+    parse_pair,
+    parse_width,
+)
 from eigenpatch.patchers.targets import DEFAULT_TARGETS
 from eigenpatch.recipe import TransformConfig
 
@@ -43,7 +51,8 @@ class Quantize(TransformConfig):
     """
 
     name = "quantize"
-    #: 2: ``correction_bits`` (default 8); a version-1 entry stored its corrections in fp16.
+    #: 2: ``correction_bits`` (default 8) and ``budget_pairs``; a version-1 entry stored its
+    #: corrections in fp16 and had no low-rank replacement in its budget ladder.
     version = 2
     out_of_core = True
     bits: int = 4
@@ -77,6 +86,8 @@ class Quantize(TransformConfig):
     budget: float | None = None
     budget_widths: tuple[str, ...] = DEFAULT_WIDTHS
     budget_ranks: tuple[int, ...] = DEFAULT_RANKS
+    #: Low-rank replacements the budget may choose, ``BITS:GROUP@F`` (``budget.py``); () for none.
+    budget_pairs: tuple[str, ...] = DEFAULT_PAIRS
     fisher_windows: int = DEFAULT_FISHER_WINDOWS
     calib_windows: int = DEFAULT_WINDOWS
     calib_seq_len: int = DEFAULT_SEQ_LEN
@@ -94,6 +105,7 @@ class Quantize(TransformConfig):
         if self.correction_targets is not None:
             self.correction_targets = tuple(self.correction_targets)
         self.budget_widths, self.budget_ranks = tuple(self.budget_widths), tuple(self.budget_ranks)
+        self.budget_pairs = tuple(self.budget_pairs)
         if self.budget is not None:
             check_budget(self.budget)
             self.budget_options()  # one line for a malformed ladder, now
@@ -102,18 +114,20 @@ class Quantize(TransformConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformConfig:
-        """A version-1 entry (before ``correction_bits``) re-runs as it ran: fp16 corrections."""
+        """A version-1 entry re-runs as it ran: fp16 corrections, no replacement pairs in the ladder."""
         if data.get("version", 1) < 2:
-            data = {**data, "correction_bits": 16}
+            data = {**data, "correction_bits": 16, "budget_pairs": ()}
         return super().from_dict(data)
 
     def budget_options(self) -> list[Option]:
-        """The ladder ``--budget`` chooses from: every width with every rank (8-bit codes need no correction)."""
+        """The ladder ``--budget`` chooses from: every width with every rank (8-bit codes need no
+        correction), and the low-rank replacements."""
         if not self.budget_ranks or any(r < 0 for r in self.budget_ranks):
             raise UsageError(f"--budget-ranks {' '.join(map(str, self.budget_ranks))}: give ranks of 0 or more")
         widths = sorted({parse_width(w) for w in self.budget_widths})
         ranks = sorted(set(self.budget_ranks))
-        return [Option(b, g, r, self.correction_bits) for b, g in widths for r in ranks if b < 8 or r == 0]
+        ladder = [Option(b, g, r, self.correction_bits) for b, g in widths for r in ranks if b < 8 or r == 0]
+        return ladder + sorted({parse_pair(p, self.correction_bits) for p in self.budget_pairs})
 
     def corrects(self, name: str) -> bool:
         """Whether Linear ``name`` (any dotted name; its last component decides) takes a correction."""
@@ -152,6 +166,7 @@ class Quantize(TransformConfig):
             budget=round(middle, 6) + 1e-6,
             budget_widths=("2:32", "4:32"),
             budget_ranks=(8,),
+            budget_pairs=(),
             correction_targets=("q_proj", "k_proj"),
             **short,
         )

@@ -19,6 +19,10 @@ With ``correction_rank`` each dense Linear also gets a low-rank correction of it
 (:mod:`.correct`), fitted on the same Gram right after it is rounded, so the Linears after it in
 the layer are rounded against inputs the corrected Linear gives. Factor pairs get none: their
 rank is already where a correction would go.
+
+Under ``--budget`` a unit may instead be replaced by quantized factor pairs (:mod:`.budget`, low-rank
+replacement): each Linear is factorized by ``fwhiten`` (the ``C W R`` SVD of ``--compress``) on the
+propagated Gram at the option's rank, and the pair is rounded like one of ``--compress``'s.
 """
 
 from __future__ import annotations
@@ -44,8 +48,16 @@ from eigenpatch.errors import UsageError
 from eigenpatch.format.corrected import CorrectedQuantizedLinear, float_factors
 from eigenpatch.format.lowrank import LowRankLinear
 from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, quantized_bytes, widening_bytes
-from eigenpatch.patchers.lowrank.factorize import output_weighting, whitening
-from eigenpatch.patchers.quantize.budget import Option, Unit, allocate, describe, rank_losses, residual_energies
+from eigenpatch.patchers.lowrank.factorize import factorize, output_weighting, whitening
+from eigenpatch.patchers.quantize.budget import (
+    Option,
+    Unit,
+    allocate,
+    describe,
+    pair_rank,
+    rank_losses,
+    residual_energies,
+)
 from eigenpatch.patchers.quantize.config import Quantize
 from eigenpatch.patchers.quantize.correct import DAMP, correction
 from eigenpatch.patchers.targets import find_linears, replace_module
@@ -86,7 +98,7 @@ class QuantizeLayers(LayerTransform):
             self._check_budget(model, prefixes)
             # Scores reused by budgets of one base model that share a context cache (the benchmarks).
             c = config
-            ladder = (c.budget_widths, c.budget_ranks, c.correction_bits)
+            ladder = (c.budget_widths, c.budget_ranks, c.correction_bits, c.budget_pairs)
             scoring = (c.method, c.symmetric, c.act_order, ladder, c.correction_targets)
             data = (c.calib_windows, c.calib_seq_len, c.fisher_windows, c.seed, sorted(self.inside.items()))
             self._cache_key = repr(("quantize-budget", scoring, data))
@@ -136,7 +148,7 @@ class QuantizeLayers(LayerTransform):
             self.context.cache[self._cache_key] = (self.units, self.out_scales)
             self._allocate()
         if self.options:
-            meta["options"] = {n: [o.bits, o.group, o.rank, o.factor_bits] for n, o in self.options.items()}
+            meta["options"] = {n: [o.bits, o.group, o.rank, o.factor_bits, o.pair] for n, o in self.options.items()}
             meta["budget"] = self.plan_summary
         return Plan(meta, dict(self.out_scales))
 
@@ -167,23 +179,30 @@ class QuantizeLayers(LayerTransform):
             self.units.append(self._score_unit(step, names, stats.gram(leader)))
 
     def _score_unit(self, step: LayerStep, names: list[str], gram: torch.Tensor) -> Unit:
-        """Every ladder option's estimated loss for one unit (``budget.py``): one rounding per width."""
+        """Every ladder option's estimated loss for one unit (``budget.py``): one rounding per width,
+        one built pair per replacement."""
         c = self.config
-        damped = gram.double().clone()
-        damped.diagonal().add_(DAMP * damped.diagonal().mean().clamp_min(1e-30))
-        root = whitening(damped).scale
+        root = whitening(_damped(gram)).scale
         full = [step.prefix + n for n in names]
         weights = [step.layer.get_submodule(n).weight.detach().float() for n in names]
         unit = Unit(full, [tuple(w.shape) for w in weights], [c.corrects(n) for n in names])
-        ranks = tuple(sorted({o.rank for o in self.ladder}))
-        for bits, group in sorted({(o.bits, o.group) for o in self.ladder}):
+        for option in (o for o in self.ladder if o.pair):
+            if all(pair_rank(*w.shape, option.pair, option.group) for w in weights):  # else too narrow for it
+                unit.losses[option] = 0.0
+                for name, w in zip(full, weights, strict=True):
+                    pair = self._replace(w, gram, None, option, self.out_scales.get(name))
+                    energies = residual_energies(w, pair.dense_weight(), root, self.out_scales.get(name))
+                    unit.losses[option] += 0.5 * float(energies.sum())
+        ladder = [o for o in self.ladder if not o.pair]
+        ranks = tuple(sorted({o.rank for o in ladder}))
+        for bits, group in sorted({(o.bits, o.group) for o in ladder}):
             per_rank = dict.fromkeys(ranks, 0.0)
             for name, w, takes in zip(full, weights, unit.corrected, strict=True):
                 dequantized = torch.from_numpy(self._round(w, gram, bits, group).dequantize())
                 losses = rank_losses(residual_energies(w, dequantized, root, self.out_scales.get(name)), (0, *ranks))
                 for k in ranks:
                     per_rank[k] += losses[k if takes else 0]
-            for option in self.ladder:
+            for option in ladder:
                 if (option.bits, option.group) == (bits, group):
                     unit.losses[option] = per_rank[option.rank]
         return unit
@@ -262,6 +281,8 @@ class QuantizeLayers(LayerTransform):
         """A dense Linear's codes, and with ``correction_rank`` its correction (:mod:`.correct`)."""
         c = self.config
         option = self.options.get(full_name, Option(c.bits, c.group, c.correction_rank, c.correction_bits))
+        if option.pair:
+            return self._replace(weight, gram, bias, option, self.out_scales.get(full_name))
         rounded = self._round(weight, gram, option.bits, option.group)
         rank = option.rank if c.corrects(full_name) else 0
         if not rank:
@@ -275,8 +296,29 @@ class QuantizeLayers(LayerTransform):
     ) -> QuantizedLowRankLinear:
         """Both factors of a pair, ``up`` refitted to the rounded ``down`` (see the module docstring;
         ``refit=False`` rounds ``up`` as it is, for the test that measures what the refit gains)."""
-        down, up = pair.lowrank_down.detach(), pair.lowrank_up.detach()
-        bits, group = self.config.bits, self.config.group
+        return self._round_factors(
+            pair.lowrank_down.detach(), pair.lowrank_up.detach(), gram, bias, self.config.bits, self.config.group, refit
+        )
+
+    def _replace(
+        self, weight: torch.Tensor, gram: torch.Tensor, bias: torch.Tensor | None, option: Option, out_scale: Any
+    ) -> QuantizedLowRankLinear:
+        """A dense Linear replaced by a quantized factor pair (``budget.py``, low-rank replacement): the
+        ``fwhiten`` factorization at the option's rank, its factors rounded as a pair's are."""
+        rank = pair_rank(*weight.shape, option.pair, option.group)
+        up, down = factorize(weight.detach().float(), rank, whitening(_damped(gram)), out_scale)
+        return self._round_factors(down, up, gram, bias, option.bits, option.group)
+
+    def _round_factors(
+        self,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        gram: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        bits: int,
+        group: int,
+        refit: bool = True,
+    ) -> QuantizedLowRankLinear:
         qdown = self._round(down, gram, bits, group)
         if gram is None:
             qup = self._round(up, None, bits, group)
@@ -312,3 +354,10 @@ def _ratio(refined: list[dict[str, float]]) -> float | None:
     if not refined:
         return None
     return round(sum(r["after"] / max(r["before"], 1e-30) for r in refined) / len(refined), 4)
+
+
+def _damped(gram: torch.Tensor) -> torch.Tensor:
+    """``H + lam I`` in fp64, ``lam`` :data:`~.correct.DAMP` of the mean diagonal (whitening's input)."""
+    damped = gram.double().clone()
+    damped.diagonal().add_(DAMP * damped.diagonal().mean().clamp_min(1e-30))
+    return damped
