@@ -47,7 +47,7 @@ from eigenpatch.engine import (
 from eigenpatch.errors import UsageError
 from eigenpatch.format.corrected import CorrectedQuantizedLinear, float_factors
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, quantized_bytes, widening_bytes
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, widening_bytes
 from eigenpatch.patchers.lowrank.factorize import factorize, output_weighting, whitening
 from eigenpatch.patchers.quantize.budget import (
     Option,
@@ -117,7 +117,8 @@ class QuantizeLayers(LayerTransform):
                     raise UsageError("--budget with --compress: choose one (--compress R --bits N quantizes pairs)")
                 out, inp = module.weight.shape
                 weights += out * inp
-                cheapest += min(quantized_bytes(out, inp, o.bits, o.group) for o in self.ladder)
+                fits = [o for o in self.ladder if not o.pair or pair_rank(out, inp, o.pair, o.group)]
+                cheapest += min(o.bytes([(out, inp)], [False]) for o in fits)
         if weights and 8 * cheapest / weights > c.budget:
             raise UsageError(
                 f"--budget {c.budget:g}: the cheapest option of every matrix already costs "
