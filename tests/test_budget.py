@@ -309,3 +309,28 @@ def test_the_budget_replaces_a_low_rank_unit_by_quantized_pairs_and_nothing_else
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
         assert torch.equal(eigenpatch.load(out)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_pairs_loss_is_never_below_its_truncation_bound():
+    """What lets scoring skip building a pair: any rank-r matrix, rounded factors included, leaves at
+    least ``1/2 sum_{i > r} s_i^2`` of ``C W R``."""
+    from eigenpatch.patchers.lowrank.factorize import factorize, whitening
+    from eigenpatch.quantizer import quantize_rtn
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=g)
+    x = torch.randn(2048, 128, generator=g) @ (torch.randn(128, 128, generator=g) * torch.logspace(0, -2, 128))
+    gram = (x.T @ x).double()
+    gram.diagonal().add_(0.01 * gram.diagonal().mean())
+    scaling, c = whitening(gram), torch.rand(96, generator=g).double()
+    spectrum = residual_energies(w, torch.zeros_like(w), scaling.scale, c)
+    for r in (16, 32, 64):
+        up, down = factorize(w, r, scaling, c)
+        for built in (
+            up @ down,
+            torch.from_numpy(quantize_rtn(up, 4, 16).dequantize() @ quantize_rtn(down, 4, 32).dequantize()),
+        ):
+            loss = 0.5 * float(residual_energies(w, built, scaling.scale, c).sum())
+            assert loss >= rank_losses(spectrum, (r,))[r] * (1 - 1e-6), r
+        exact = 0.5 * float(residual_energies(w, up @ down, scaling.scale, c).sum())
+        assert exact <= rank_losses(spectrum, (r,))[r] * 1.05  # the float pair is (nearly) the truncation itself

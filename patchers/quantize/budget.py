@@ -15,7 +15,8 @@ what the matrix does at the same width), rounded down to whole groups, both fact
 spectrum decays fast enough that the truncation loses less than fewer bits would. Its estimate is
 measured, not derived: the pair is built as the fit builds it (the ``fwhiten`` factorization of
 ``C W R``, ``down`` rounded by GPTQ, ``up`` refitted and rounded, :mod:`.layers`) and
-``dL = 1/2 ||C (W - up down) R||_F^2`` computed on the result.
+``dL = 1/2 ||C (W - up down) R||_F^2`` computed on the result; only where the truncation's loss, a
+lower bound, is below the unit's cheapest width's (``QuantizeLayers._score_pairs``).
 
 **The estimate.** Rounding ``W`` to ``Q`` and correcting with a rank-``k`` pair ``U V`` moves the
 Linear's outputs by ``D = W - Q - U V`` times its input. To second order, with the output Fisher

@@ -47,7 +47,7 @@ from eigenpatch.engine import (
 from eigenpatch.errors import UsageError
 from eigenpatch.format.corrected import CorrectedQuantizedLinear, float_factors
 from eigenpatch.format.lowrank import LowRankLinear
-from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, widening_bytes
+from eigenpatch.format.quantized import QuantizedLinear, QuantizedLowRankLinear, quantized_bytes, widening_bytes
 from eigenpatch.patchers.lowrank.factorize import factorize, output_weighting, whitening
 from eigenpatch.patchers.quantize.budget import (
     Option,
@@ -117,8 +117,7 @@ class QuantizeLayers(LayerTransform):
                     raise UsageError("--budget with --compress: choose one (--compress R --bits N quantizes pairs)")
                 out, inp = module.weight.shape
                 weights += out * inp
-                fits = [o for o in self.ladder if not o.pair or pair_rank(out, inp, o.pair, o.group)]
-                cheapest += min(o.bytes([(out, inp)], [False]) for o in fits)
+                cheapest += min(quantized_bytes(out, inp, o.bits, o.group) for o in self.ladder if not o.pair)
         if weights and 8 * cheapest / weights > c.budget:
             raise UsageError(
                 f"--budget {c.budget:g}: the cheapest option of every matrix already costs "
@@ -181,32 +180,54 @@ class QuantizeLayers(LayerTransform):
 
     def _score_unit(self, step: LayerStep, names: list[str], gram: torch.Tensor) -> Unit:
         """Every ladder option's estimated loss for one unit (``budget.py``): one rounding per width,
-        one built pair per replacement."""
+        one built pair per replacement worth building."""
         c = self.config
-        root = whitening(_damped(gram)).scale
+        scaling = whitening(_damped(gram))
         full = [step.prefix + n for n in names]
         weights = [step.layer.get_submodule(n).weight.detach().float() for n in names]
         unit = Unit(full, [tuple(w.shape) for w in weights], [c.corrects(n) for n in names])
-        for option in (o for o in self.ladder if o.pair):
-            if all(pair_rank(*w.shape, option.pair, option.group) for w in weights):  # else too narrow for it
-                unit.losses[option] = 0.0
-                for name, w in zip(full, weights, strict=True):
-                    pair = self._replace(w, gram, None, option, self.out_scales.get(name))
-                    energies = residual_energies(w, pair.dense_weight(), root, self.out_scales.get(name))
-                    unit.losses[option] += 0.5 * float(energies.sum())
         ladder = [o for o in self.ladder if not o.pair]
         ranks = tuple(sorted({o.rank for o in ladder}))
         for bits, group in sorted({(o.bits, o.group) for o in ladder}):
             per_rank = dict.fromkeys(ranks, 0.0)
             for name, w, takes in zip(full, weights, unit.corrected, strict=True):
                 dequantized = torch.from_numpy(self._round(w, gram, bits, group).dequantize())
-                losses = rank_losses(residual_energies(w, dequantized, root, self.out_scales.get(name)), (0, *ranks))
+                energies = residual_energies(w, dequantized, scaling.scale, self.out_scales.get(name))
+                losses = rank_losses(energies, (0, *ranks))
                 for k in ranks:
                     per_rank[k] += losses[k if takes else 0]
             for option in ladder:
                 if (option.bits, option.group) == (bits, group):
                     unit.losses[option] = per_rank[option.rank]
+        self._score_pairs(unit, weights, gram, scaling)
         return unit
+
+    def _score_pairs(self, unit: Unit, weights: list[torch.Tensor], gram: torch.Tensor, scaling: Any) -> None:
+        """The replacement options' losses, measured on built pairs, where worth building: a pair's loss
+        is at least its truncation's, ``1/2 sum_{i > r} s_i^2`` of ``C W R`` (any rank-``r`` matrix
+        leaves that much), so a pair whose truncation alone loses more than the unit's cheapest width
+        is left out, unbuilt: it could only save a fraction of a bit at a loss int2 codes beat."""
+        pairs = [o for o in self.ladder if o.pair]
+        if not pairs:
+            return
+        cheapest = min(unit.losses, key=lambda o: (o.bytes(unit.shapes, unit.corrected), unit.losses[o]))
+        floor = unit.losses[cheapest]  # the cheapest width's loss
+        spectra = [  # of C W R: what a rank-r truncation leaves is the sum beyond r
+            residual_energies(w, torch.zeros_like(w), scaling.scale, self.out_scales.get(n))
+            for n, w in zip(unit.names, weights, strict=True)
+        ]
+        for option in pairs:
+            ranks = [pair_rank(*w.shape, option.pair, option.group) for w in weights]
+            if not all(ranks):
+                continue  # a Linear narrower than one group: no pair
+            bound = sum(rank_losses(s, (r,))[r] for s, r in zip(spectra, ranks, strict=True))
+            if bound >= floor:
+                continue
+            unit.losses[option] = 0.0
+            for name, w in zip(unit.names, weights, strict=True):
+                pair = self._replace(w, gram, None, option, self.out_scales.get(name), scaling)
+                energies = residual_energies(w, pair.dense_weight(), scaling.scale, self.out_scales.get(name))
+                unit.losses[option] += 0.5 * float(energies.sum())
 
     def _round(self, weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group: int) -> BlockQuant:
         c = self.config
@@ -302,12 +323,20 @@ class QuantizeLayers(LayerTransform):
         )
 
     def _replace(
-        self, weight: torch.Tensor, gram: torch.Tensor, bias: torch.Tensor | None, option: Option, out_scale: Any
+        self,
+        weight: torch.Tensor,
+        gram: torch.Tensor,
+        bias: torch.Tensor | None,
+        option: Option,
+        out_scale: Any,
+        scaling: Any = None,
     ) -> QuantizedLowRankLinear:
         """A dense Linear replaced by a quantized factor pair (``budget.py``, low-rank replacement): the
-        ``fwhiten`` factorization at the option's rank, its factors rounded as a pair's are."""
+        ``fwhiten`` factorization at the option's rank, its factors rounded as a pair's are
+        (``scaling``: the whitening of ``gram``, when the caller has it)."""
         rank = pair_rank(*weight.shape, option.pair, option.group)
-        up, down = factorize(weight.detach().float(), rank, whitening(_damped(gram)), out_scale)
+        scaling = scaling if scaling is not None else whitening(_damped(gram))
+        up, down = factorize(weight.detach().float(), rank, scaling, out_scale)
         return self._round_factors(down, up, gram, bias, option.bits, option.group)
 
     def _round_factors(
