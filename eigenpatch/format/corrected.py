@@ -44,6 +44,8 @@ FACTOR_BITS = (8, 16)
 INT8_MAX = 127
 #: The scale tensors an 8-bit pair adds to the format's ``quantized_corrected`` tensors.
 SCALE_NAMES = ("correction_down_scale", "correction_up_scale")
+#: Every tensor a pair may hold: the two factors (or their codes), then an 8-bit pair's scales.
+PAIR_NAMES = ("correction_down", "correction_up", *SCALE_NAMES)
 
 
 def pair_bytes(out_features: int, in_features: int, rank: int, factor_bits: int) -> int:
@@ -180,8 +182,7 @@ class CorrectedQuantizedLinear(nn.Module):
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """The pair's tensors as they are now (codes or factors, and an 8-bit pair's scales)."""
-        names = ("correction_down", "correction_up", *SCALE_NAMES)
-        return [t for t in (getattr(self, n) for n in names) if t is not None]
+        return [t for t in (getattr(self, n) for n in PAIR_NAMES) if t is not None]
 
     def correction_bytes(self) -> int:
         """What the pair costs stored: :func:`pair_bytes` at this module's ``factor_bits``."""
@@ -199,8 +200,8 @@ class CorrectedQuantizedLinear(nn.Module):
         where gradients may flow to the factors."""
         down, up = self.correction_down, self.correction_up
         trains = torch.is_grad_enabled() and (down.requires_grad or up.requires_grad)
-        if self.is_float or dtype == down.dtype or trains:
-            return self._convert(dtype) if down.dtype == torch.int8 else (down.to(dtype), up.to(dtype))
+        if self.is_float or dtype == down.dtype or trains:  # float factors (int8 codes never train)
+            return down.to(dtype), up.to(dtype)
         if torch.compiler.is_compiling():  # vLLM built the copy before compiling: no Python checks in the trace
             cast = self._cast
             return (cast[1], cast[2]) if cast is not None and cast[0][0] == dtype else self._convert(dtype)
@@ -255,8 +256,7 @@ def float_factors(model: nn.Module, trained: bool = True) -> Iterator[list[Corre
     with ``trained=False`` (a trace) the stored tensors are put back as they were, bit for bit.
     Yields the corrected modules."""
     modules = [m for m in model.modules() if isinstance(m, CorrectedQuantizedLinear)]
-    names = ("correction_down", "correction_up", *SCALE_NAMES)
-    kept = [{n: getattr(m, n) for n in names} for m in modules]
+    kept = [{n: getattr(m, n) for n in PAIR_NAMES} for m in modules]
     for m in modules:
         m.to_float()
     try:
